@@ -1,0 +1,191 @@
+"""
+The tiny Qwen3-VL: built offline from a config, saved and loaded exactly like a real checkpoint.
+
+    python model.py --out=runs/tiny-model --data=data/shapes     # build from the suite's text
+    python model.py --out=runs/tiny-model --data=data/shapes --size=L
+
+A real checkpoint (e.g. a local Qwen3-VL-8B-Instruct directory) goes through the same `load_model` path.
+The tokenizer is a byte-level BPE trained on the suite's own text with `tokenizers`: Qwen's special tokens,
+digits one per token (as Qwen's own tokenizer does, so numbers are spelled digit by digit), a Qwen-style chat
+template. Nothing here downloads anything.
+"""
+import glob
+import json
+import os
+import sys
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+import data
+
+DEFAULT_MODEL_DIR = "runs/tiny-model"
+DEFAULT_DATA_DIR = "data/shapes"
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+# Reasoning tags are added tokens but not "special": decoding with skip_special_tokens keeps them, and the
+# reward needs to see them (SPEC 4).
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+# Qwen's chat format. Media come as `{"type": "image"}` / `{"type": "video"}` content parts and become a bare
+# pad token; the processor expands it (per-frame timestamps and vision start/end for video).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' %}<|video_pad|>"
+    "{% else %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Sizes measured in NOTES-tiny: S learns the toy tasks in minutes on 2 CPU cores; L is ~3x slower per step.
+SIZES = {
+    "S": dict(hidden=128, layers=2, heads=4, kv_heads=2, mlp=384, vis_depth=2, vis_hidden=64, vis_mlp=128),
+    "L": dict(hidden=256, layers=4, heads=8, kv_heads=4, mlp=768, vis_depth=4, vis_hidden=128, vis_mlp=256),
+}
+HEAD_DIM = 32
+MROPE_SECTION = [6, 5, 5]  # t, h, w frequency split; sums to HEAD_DIM / 2 as Qwen3-VL requires
+PATCH, MERGE, TEMPORAL_PATCH = 16, 2, 2
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+def corpus_from_suite(data_dir):
+    """Every string a model will read or write in the suite: prompts, answers, rationales, timestamps."""
+    texts = list(data.TYPE_TEMPLATES.values()) + [data.INSTRUCTION]
+    texts += [f"<{t / 2:.1f} seconds>" for t in range(0, 256)]  # video frame timestamps the processor writes
+    paths = sorted(glob.glob(os.path.join(data_dir, "*.json")))
+    if not paths:
+        raise FileNotFoundError(f"{data_dir}: no *.json suite files to train the tokenizer on")
+    for path in paths:
+        with open(path) as f:
+            rows = json.load(f)
+        for row in rows:
+            if "messages" in row:
+                texts += [m["content"] for m in row["messages"]]
+            else:
+                texts += [data.build_prompt(row), row.get("answer") or row.get("solution") or ""]
+    return texts
+
+
+def train_tokenizer(texts, vocab_size=1024):
+    """Byte-level BPE; digits split one per token; Qwen special tokens; returns a PreTrainedTokenizerFast."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=4096, padding_side="left",
+    )
+    fast.add_tokens(TAG_TOKENS)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+# -----------------------------------------------------------------------------
+# model
+
+def tiny_config(tokenizer, size="S"):
+    s = SIZES[size]
+    vocab = (len(tokenizer) + 63) // 64 * 64  # round up: spare rows are harmless and keep matmuls aligned
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
+            num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=HEAD_DIM,
+            max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=MROPE_SECTION,
+                                 mrope_interleaved=True),
+            pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
+        ),
+        vision_config=dict(
+            depth=s["vis_depth"], hidden_size=s["vis_hidden"], intermediate_size=s["vis_mlp"], num_heads=4,
+            patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
+            out_hidden_size=s["hidden"], num_position_embeddings=256, deepstack_visual_indexes=[0],
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def build_processor(tokenizer):
+    # Pixel bounds here are the processor's defaults for this model; data.py passes per-call limits (SPEC 2).
+    image_processor = Qwen2VLImageProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
+                                            size={"shortest_edge": 32 * 32, "longest_edge": 256 * 32 * 32})
+    video_processor = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
+                                            size={"shortest_edge": 32 * 32, "longest_edge": 64 * 32 * 32 * 32},
+                                            cap_pixels_per_frame=False)
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+                            chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny_model(out_dir, data_dir=DEFAULT_DATA_DIR, seed=0, size="S"):
+    """Train the tokenizer on the suite's text, build a random-init Qwen3-VL, save both with save_pretrained."""
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(corpus_from_suite(data_dir))
+    processor = build_processor(tokenizer)
+    model = Qwen3VLForConditionalGeneration(tiny_config(tokenizer, size))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"built tiny Qwen3-VL ({size}): {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)} -> {out_dir}")
+    return out_dir
+
+
+def ensure_model(path, data_dir=DEFAULT_DATA_DIR):
+    """The default tiny model is built on first use (from the suite, generated first if missing)."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    if os.path.normpath(path) != os.path.normpath(DEFAULT_MODEL_DIR):
+        raise FileNotFoundError(f"{path}: no config.json; pass a model directory saved with save_pretrained")
+    if not os.path.exists(os.path.join(data_dir, "sft.json")):
+        import shapes
+        shapes.generate_suite(data_dir, seed=0)
+    return build_tiny_model(path, data_dir)
+
+
+def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None):
+    """(model, processor) from a local directory; flash-attn when installed on GPU, else sdpa."""
+    if attn_implementation is None:
+        attn_implementation = "sdpa"
+        if device != "cpu" and torch.cuda.is_available():
+            try:
+                import flash_attn  # noqa: F401  (optional dependency)
+                attn_implementation = "flash_attention_2"
+            except ImportError:
+                pass
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    return model.to(device), processor
+
+
+if __name__ == "__main__":
+    args = dict(out=DEFAULT_MODEL_DIR, data=DEFAULT_DATA_DIR, seed="0", size="S")
+    for arg in sys.argv[1:]:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in args or not value:
+            sys.exit(f"usage: python model.py [--out=DIR] [--data=DIR] [--seed=N] [--size=S|L]; got {arg!r}")
+        args[key] = value
+    build_tiny_model(args["out"], args["data"], int(args["seed"]), args["size"])
