@@ -1,0 +1,254 @@
+"""
+SFT cold start (SPEC 6): full fine-tune on <think>...</think><answer>...</answer> chat data, loss on the
+assistant tokens only, vision tower and projector frozen by default.
+
+    python train_sft.py                                   # the shapes preset: tiny model, built-in suite, CPU
+    python train_sft.py --max_steps=50 --out_dir=runs/sft-try
+    torchrun --nproc_per_node 8 train_sft.py --preset=release --model=/models/Qwen3-VL-8B-Instruct \
+        --data=/data/onethinker_sft_image.json --media_root=/data --out_dir=runs/sft
+    python train_sft.py --out_dir=runs/sft --resume=true  # continue exactly from the newest checkpoint
+
+What it leaves out of the release (LLaMA-Factory): sequence packing (we sort each step's rows by length into
+micro-batches instead and log the padding share), DeepSpeed (FSDP2 instead), liger kernels.
+The exported model (out_dir/hf) loads with from_pretrained and is the starting point of train_rl.py and eval.py.
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import common
+import data
+import model as model_lib
+
+
+@dataclass
+class Config:
+    model: str = model_lib.DEFAULT_MODEL_DIR  # an HF directory; the default tiny model is built on first use
+    data: str = os.path.join(model_lib.DEFAULT_DATA_DIR, "sft.json")
+    media_root: str | None = None  # default: the data file's directory
+    skip_bad_rows: bool = False  # True: drop malformed rows (counted in a log line) instead of stopping
+    out_dir: str = "runs/sft"
+    resume: bool = False
+    seed: int = 0
+    # optimisation (SPEC 6: lr 1e-5 cosine, warmup 2%, weight decay 1e-6, 1 epoch)
+    max_steps: int = 1500  # optimizer steps; 0 = one epoch
+    batch_size: int = 32  # rows per optimizer step, over all ranks
+    micro_batch_size: int = 32  # rows per forward/backward on one rank
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    warmup_ratio: float = 0.02
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    freeze_vision: bool = True  # the vision tower and its projector (mergers) stay as they are
+    grad_checkpointing: bool = False
+    bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
+    # media (SPEC 2)
+    fps: float = 2.0
+    max_frames: int = 128
+    image_max_pixels: int = 1048576
+    video_max_pixels: int = 64 * 32 * 32
+    # validation, logging, checkpoints
+    val_rows: int = 128  # held out of `data` (a seeded choice) for the validation loss
+    val_every: int = 250
+    log_every: int = 10
+    save_every: int = 500
+    wandb: bool = False
+
+
+PRESETS = {
+    # the embedded default: numbers from NOTES-tiny (S model, ~10 minutes on 2 CPU cores)
+    "shapes": {},
+    "release": dict(max_steps=0, batch_size=128, micro_batch_size=1, lr=1e-5, weight_decay=1e-6,
+                    grad_checkpointing=True, bf16=True, image_max_pixels=1048576, video_max_pixels=64 * 32 * 32,
+                    val_rows=512, val_every=500, save_every=500),
+}
+
+
+# -----------------------------------------------------------------------------
+# the loss: token mean over the assistant tokens of the whole optimizer step
+
+def sft_loss(model, batch, num_tokens):
+    """Sum of the next-token cross-entropy over labelled tokens of this micro-batch, divided by num_tokens.
+
+    num_tokens is the labelled-token count of the whole optimizer step (all micro-batches, all ranks), so the
+    micro-batch losses add up to the step's token mean and gradients summed over ranks equal one big batch.
+    """
+    labels = batch["labels"]  # [B, L], -100 off the assistant turn
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()  # [B, L-1, V]; position t predicts token t+1
+    targets = labels[:, 1:]  # [B, L-1]
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+    return loss_sum / num_tokens
+
+
+def length_sorted_micro_batches(rows, micro_batch_size):
+    """Split one step's rows into micro-batches of similar length (video with video, long with long), so
+    left padding costs little. The key is a cheap proxy (media kinds, then text length): no media decode."""
+    def key(row):
+        text = "".join(m["content"] for m in row["messages"]) if row["kind"] == "sft" else row["problem"]
+        return (tuple(row["media_types"]), len(text))
+    rows = sorted(rows, key=key)
+    return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+
+def lr_at(step, cfg, total_steps):
+    """Linear warmup then cosine decay to lr * min_lr_ratio."""
+    warmup = max(1, round(cfg.warmup_ratio * total_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validation_loss(model, rows, processor, media_cfg, cfg, device):
+    """Token-mean loss over the held-out rows (each rank its share, combined over ranks)."""
+    model.eval()
+    total, tokens = 0.0, 0.0
+    for chunk in length_sorted_micro_batches(rows, cfg.micro_batch_size):
+        batch = {k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, with_answer=True).items()}
+        n = float((batch["labels"][:, 1:] != -100).sum())
+        with autocast(cfg, device):
+            total += sft_loss(model, batch, 1.0).item()
+        tokens += n
+    model.train()
+    sums = common.all_reduce({"loss": total, "tokens": tokens})
+    return sums["loss"] / max(sums["tokens"], 1.0)
+
+
+def autocast(cfg, device):
+    if cfg.bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def main(argv):
+    cfg = common.parse_config(Config, argv, PRESETS)
+    rank, world_size, _, device = common.init_distributed()
+    if cfg.batch_size % (world_size * cfg.micro_batch_size):
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of world_size*micro_batch_size="
+                         f"{world_size}*{cfg.micro_batch_size}")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # --- model, data, optimizer
+    if rank == 0:
+        model_lib.ensure_model(cfg.model)
+    common.all_reduce(0.0)  # the other ranks wait for the tiny model to be built
+    model, processor = model_lib.load_model(cfg.model, device=str(device))
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = common.shard_model(model, mixed_precision=cfg.bf16)
+    media_cfg = data.MediaConfig(fps=cfg.fps, max_frames=cfg.max_frames, image_max_pixels=cfg.image_max_pixels,
+                                 video_max_pixels=cfg.video_max_pixels)
+
+    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad=cfg.skip_bad_rows)
+    bad = [r["source"] for r in rows if r["kind"] != "sft"]
+    if bad:
+        raise ValueError(f"{bad[0]}: train_sft.py needs SFT rows (messages with an assistant turn)")
+    held_out = set(np.random.default_rng(cfg.seed).permutation(len(rows))[:cfg.val_rows].tolist())
+    val_rows = [r for i, r in enumerate(rows) if i in held_out][rank::world_size]
+    train_rows = [r for i, r in enumerate(rows) if i not in held_out]
+    sampler = data.ShardedSampler(len(train_rows), rank, world_size, seed=cfg.seed)
+    rows_per_rank = cfg.batch_size // world_size
+    total_steps = cfg.max_steps or len(train_rows) // cfg.batch_size
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    logger = common.Logger(cfg.out_dir, cfg, cfg.wandb)
+    sigterm = common.install_sigterm_flag()
+    ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
+
+    step = 0
+    if cfg.resume and (path := common.latest_checkpoint(ckpt_dir)):
+        extra = common.load_checkpoint(path, model, optimizer)
+        step = extra["step"]
+        sampler.load_state_dict(extra["sampler"])
+        common.set_rng_state(extra["rng"])
+        if rank == 0:
+            print(f"resumed from {path} at step {step}")
+
+    def save():
+        common.save_checkpoint(ckpt_dir, step, model, optimizer, {
+            "sampler": sampler.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(cfg)})
+
+    n_train = sum(p.numel() for p in params)
+    if rank == 0:
+        print(f"SFT: {len(train_rows)} train rows, {cfg.val_rows} held out, {total_steps} steps, "
+              f"{n_train / 1e6:.2f}M trainable parameters, world size {world_size}, device {device}")
+    model.train()
+    bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0, dynamic_ncols=True)
+    while step < total_steps:
+        t0 = time.perf_counter()
+        # --- batch: this rank's rows, sorted by length into micro-batches
+        step_rows = [train_rows[i] for i in sampler.next_batch(rows_per_rank)]
+        batches = [{k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, with_answer=True).items()}
+                   for chunk in length_sorted_micro_batches(step_rows, cfg.micro_batch_size)]
+        local_tokens = sum(float((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        local_padding = sum(float((b["attention_mask"] == 0).sum()) for b in batches)
+        local_cells = sum(float(b["attention_mask"].numel()) for b in batches)
+        counts = common.all_reduce({"tokens": local_tokens, "padding": local_padding, "cells": local_cells})
+        t_data = time.perf_counter() - t0
+
+        # --- forward / backward over micro-batches; gradients sync on the last one only
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_total = 0.0
+        for i, batch in enumerate(batches):
+            common.set_grad_sync(model, i == len(batches) - 1)
+            with autocast(cfg, device):
+                loss = sft_loss(model, batch, counts["tokens"])
+            loss.backward()
+            loss_total += loss.item()
+        loss_total = common.all_reduce(loss_total)
+
+        # --- update (a non-finite loss or gradient skips the step: never write corrupt weights)
+        grad_norm = common.clip_grad_norm(model, cfg.grad_clip)
+        if math.isfinite(loss_total) and math.isfinite(grad_norm):
+            optimizer.step()
+        elif rank == 0:
+            print(f"step {step}: non-finite loss {loss_total} / grad norm {grad_norm}: update skipped")
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        # --- log, validate, save
+        if step % cfg.log_every == 0 or step == total_steps:
+            logger.log(step, {"loss": loss_total, "lr": lr, "grad_norm": grad_norm,
+                              "padding_share": counts["padding"] / counts["cells"],
+                              "tokens_per_step": counts["tokens"], "epoch": sampler.epoch,
+                              "sec": {"step": time.perf_counter() - t0, "data": t_data}})
+        if val_rows and (step % cfg.val_every == 0 or step == total_steps):
+            logger.log(step, {"val_loss": validation_loss(model, val_rows, processor, media_cfg, cfg, device)})
+        stop = common.all_reduce(float(sigterm.requested), "max") > 0
+        if step % cfg.save_every == 0 or step == total_steps or stop:
+            save()
+        if stop:
+            if rank == 0:
+                print(f"SIGTERM: checkpoint written at step {step}; exiting")
+            break
+    bar.close()
+
+    # --- export: an HF directory that train_rl.py and eval.py start from
+    if step == total_steps:
+        common.export_hf(model, processor, os.path.join(cfg.out_dir, "hf"))
+        if rank == 0:
+            print(f"exported {os.path.join(cfg.out_dir, 'hf')}")
+    logger.close()
+    common.cleanup()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
