@@ -1,0 +1,387 @@
+"""
+Plumbing shared by train_sft.py, train_rl.py and eval.py: config overrides, torch.distributed, FSDP2, exact
+checkpoints (DCP, atomic), HF export, and logging sinks. No task logic lives here.
+
+Conventions the trainers rely on:
+- One process (plain `python script.py`) runs the plain model; under torchrun the model is FSDP2-sharded.
+- Gradients are SUMMED over ranks (shard_model turns off FSDP's averaging), so every loss is normalised by a
+  global count (ema_grpo.ppo_loss num_tokens, the SFT token count) and one rank equals N ranks exactly.
+- A checkpoint is step_XXXXXX/ holding DCP shards of model + optimizer and one extra_rank{r}.pt per rank.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import sys
+import types
+import typing
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+# -----------------------------------------------------------------------------
+# config: one flat dataclass per script, named presets, then --key=value overrides
+
+
+def _field_type(cls, name, hint):
+    """(base type, accepts None) for a field annotated int/float/str/bool, optionally `| None`."""
+    args = typing.get_args(hint)
+    if args:  # X | None or Optional[X]
+        base = [a for a in args if a is not type(None)]
+        if len(base) != 1 or len(args) != 2:
+            raise TypeError(f"{cls.__name__}.{name}: config fields must be int, float, str, bool or X | None, "
+                            f"got {hint}")
+        return base[0], True
+    return hint, False
+
+
+def _convert(key, text, base, nullable):
+    if nullable and text.lower() == "none":
+        return None
+    if base is bool:
+        if text.lower() in ("true", "1"):
+            return True
+        if text.lower() in ("false", "0"):
+            return False
+    elif base is str:
+        return text
+    else:
+        try:
+            return base(text)
+        except ValueError:
+            pass
+    kind = base.__name__ + (" or none" if nullable else "") + (" (true/false/1/0)" if base is bool else "")
+    raise ValueError(f"config: --{key}={text}: expected {kind}")
+
+
+def _check_value(key, value, base, nullable, where):
+    ok = (value is None and nullable) or (type(value) is base) or (base is float and type(value) is int)
+    if not ok:
+        raise ValueError(f"config: {where}: {key}={value!r} is not a {base.__name__}")
+
+
+def parse_config(cls, argv, presets=None):
+    """cls() with `--preset=NAME` applied first (presets: {name: {field: value}}), then `--key=value` overrides.
+
+    Unknown keys, unknown presets, malformed arguments and values that do not parse as the field's type raise a
+    ValueError naming the argument. bool fields take true/false/1/0; fields typed `X | None` also take "none".
+    `--help` prints the fields with their defaults and exits.
+    """
+    presets = presets or {}
+    hints = typing.get_type_hints(cls)
+    types_ = {f.name: _field_type(cls, f.name, hints[f.name]) for f in dataclasses.fields(cls)}
+    preset, overrides = None, {}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(f"options (--key=value), presets (--preset=NAME): {sorted(presets)}")
+            for key, value in dataclasses.asdict(cls()).items():
+                print(f"  --{key}={value}")
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"config: argument {arg!r}: expected --key=value")
+        key, text = arg[2:].split("=", 1)
+        if key == "preset":
+            if text not in presets:
+                raise ValueError(f"config: --preset={text}: unknown preset; known: {sorted(presets)}")
+            preset = text
+        elif key not in types_:
+            raise ValueError(f"config: {arg!r}: unknown key {key!r}; known keys: {sorted(types_)}")
+        else:
+            overrides[key] = _convert(key, text, *types_[key])
+    values = {}
+    if preset is not None:
+        for key, value in presets[preset].items():
+            if key not in types_:
+                raise ValueError(f"config: preset {preset!r}: unknown key {key!r}")
+            base, nullable = types_[key]
+            _check_value(key, value, base, nullable, where=f"preset {preset!r}")
+            values[key] = float(value) if base is float and value is not None else value
+    values.update(overrides)
+    return dataclasses.replace(cls(), **values)
+
+
+# -----------------------------------------------------------------------------
+# torch.distributed
+
+
+def init_distributed():
+    """(rank, world_size, local_rank, device) from torchrun's env vars: nccl on CUDA, gloo on CPU.
+
+    Without torchrun: a single process, no process group, cuda:0 if there is a GPU else cpu.
+    """
+    if "RANK" not in os.environ:
+        return 0, 1, 0, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world_size, local_rank, device
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier():
+    if _world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce(value, op="sum"):
+    """Reduce a number, a 0-d tensor, or a flat dict of numbers over ranks; returns python floats in the same shape.
+
+    op: "sum", "mean", "max" or "min". Every rank must pass the same dict keys. No-op in one process.
+    """
+    reduce_op = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM,
+                 "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+    keys = sorted(value) if isinstance(value, dict) else None
+    numbers = [float(value[k]) for k in keys] if keys is not None else [float(value)]
+    if _world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(numbers, dtype=torch.float64, device=device)  # [K]
+        dist.all_reduce(t, op=reduce_op)
+        if op == "mean":
+            t /= _world_size()
+        numbers = t.tolist()
+    return dict(zip(keys, numbers)) if keys is not None else numbers[0]
+
+
+# -----------------------------------------------------------------------------
+# FSDP2
+
+
+def shard_model(model, mixed_precision):
+    """FSDP2 for Qwen3VLForConditionalGeneration: each text decoder layer is a unit, the root holds the rest.
+
+    No-op in a single process (the plain model runs). mixed_precision: bf16 parameters in compute, fp32 gradient
+    reduction; the sharded master weights stay in their own dtype (fp32).
+    The vision tower is NOT its own unit (unlike torchtitan's habit): HF calls it once for images and again for
+    videos, so ranks with different modality mixes would issue different numbers of all-gathers and hang. In the
+    root unit it is gathered with the embeddings on every forward, and a rank whose batch used no vision
+    parameters reduce-scatters zeros for them (set_reduce_scatter_unused_params). tests/test_common.py runs a rank
+    with images + videos beside a text-only rank.
+    Only `forward` is called on the sharded model (rollout and training call model(**inputs)); any other method
+    called on it from outside would need torch.distributed.fsdp.register_fsdp_forward_method.
+    Every rank must run the same number of forwards, since each gathers the layers. A rollout that decodes a
+    different number of steps per rank gathers once instead: for every FSDPModule m in model.modules():
+    m.set_reshard_after_forward(False, recurse=False); m.unshard(); then forwards issue no collectives; after it,
+    m.reshard() and restore reshard_after_forward (True for all layers but the last). Checked on 2 gloo ranks.
+    """
+    if _world_size() == 1:
+        return model
+    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if mixed_precision else MixedPrecisionPolicy())
+    layers = model.model.language_model.layers
+    for i, layer in enumerate(layers):
+        # the last layer's parameters are needed again first thing in backward: keep them gathered
+        fully_shard(layer, mp_policy=mp_policy, reshard_after_forward=i < len(layers) - 1)
+    fully_shard(model, mp_policy=mp_policy)
+    model.set_reduce_scatter_unused_params(True)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            # sum, not mean, over ranks: the losses are already normalised by global counts (module docstring)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def set_grad_sync(model, sync):
+    """Gradient accumulation: False on all but the last micro-batch skips the reduce-scatter. No-op unsharded."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(sync)
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip the total gradient norm (over all ranks' shards) to max_norm; returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+# -----------------------------------------------------------------------------
+# RNG state (exact resume)
+
+
+def rng_state(generators=None):
+    """Python, numpy, torch (and this rank's CUDA) RNG states plus named torch.Generators, as plain objects."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}},
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generators=None):
+    random.setstate(state["python"])
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {"key": np.array(np_state["state"]["key"], dtype=np.uint32),
+                                               "pos": np_state["state"]["pos"]}})
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    for name, g in (generators or {}).items():
+        g.set_state(state["generators"][name])
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: DCP shards + per-rank extra state, written to .tmp and renamed when complete
+
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def save_checkpoint(ckpt_dir, step, model, optimizer, extra):
+    """Write ckpt_dir/step_XXXXXX (collective). extra: plain data of this rank (sampler position, rng_state(),
+    TaskEMA state, scheduler state, config); saved per rank with "step" and "world_size" added. Returns the path.
+    """
+    path = os.path.join(ckpt_dir, f"step_{step:06d}")
+    tmp = path + ".tmp"
+    rank = _rank()
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    torch.save({**extra, "step": step, "world_size": _world_size()}, os.path.join(tmp, f"extra_rank{rank}.pt"))
+    _barrier()
+    if rank == 0:  # the rename is the commit point: latest_checkpoint never sees a partial directory
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+    _barrier()
+    return path
+
+
+def latest_checkpoint(ckpt_dir):
+    """The newest complete step_XXXXXX directory in ckpt_dir, or None (.tmp directories are ignored)."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    steps = [int(m.group(1)) for name in os.listdir(ckpt_dir) if (m := _STEP_DIR.fullmatch(name))
+             and os.path.isfile(os.path.join(ckpt_dir, name, ".metadata"))]
+    return os.path.join(ckpt_dir, f"step_{max(steps):06d}") if steps else None
+
+
+def load_checkpoint(path, model, optimizer=None):
+    """Load model (+ optimizer) in place from a checkpoint, at any sharding; returns this rank's extra dict."""
+    extra_path = os.path.join(path, f"extra_rank{_rank()}.pt")
+    if not os.path.isfile(extra_path):
+        raise FileNotFoundError(f"{extra_path}: missing; a checkpoint resumes on the number of ranks that wrote it")
+    model_state, optim_state = get_state_dict(model, optimizer if optimizer is not None else [])
+    state = {"model": model_state, "optim": optim_state} if optimizer is not None else {"model": model_state}
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optim", {}))
+    return torch.load(extra_path, weights_only=True)
+
+
+def export_hf(model, processor, out_dir):
+    """Gather the full weights to rank 0's CPU and write an HF folder (safetensors, config, processor) that
+    from_pretrained, eval.py and other tools load. Collective."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if _rank() == 0:
+        model.save_pretrained(out_dir, state_dict=state)  # transformers drops FSDP's class-name prefix itself
+        processor.save_pretrained(out_dir)
+    _barrier()
+
+
+# -----------------------------------------------------------------------------
+# logging and signals
+
+
+def _flatten(metrics, prefix=""):
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value.item() if isinstance(value, torch.Tensor) else value
+    return flat
+
+
+def _fmt(value):
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class Logger:
+    """Rank 0 writes each step to stdout, out_dir/metrics.jsonl (one flushed line per step; appended on resume,
+    so a re-run step appears twice and the later line wins) and wandb (offline unless WANDB_MODE is set).
+    Nested metric dicts are flattened to "a/b" keys. Other ranks do nothing."""
+
+    def __init__(self, out_dir, config, use_wandb):
+        self.enabled = _rank() == 0
+        self.wandb = None
+        if not self.enabled:
+            return
+        config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        print("config: " + json.dumps(config), flush=True)
+        self.file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+        if use_wandb:
+            import wandb
+            self.wandb = wandb.init(project="onethinker", name=os.path.basename(os.path.abspath(out_dir)),
+                                    dir=out_dir, config=config, mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def log(self, step, metrics):
+        if not self.enabled:
+            return
+        flat = _flatten(metrics)
+        print(f"step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in flat.items()), flush=True)
+        # json has no NaN/inf literal that every reader accepts: write them as strings
+        row = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in flat.items()}
+        self.file.write(json.dumps({"step": step, **row}) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log(flat, step=step)
+
+    def close(self):
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def install_sigterm_flag():
+    """SIGTERM sets .requested instead of killing the process, so the loop can checkpoint and exit.
+
+    Under torchrun the signal reaches ranks at slightly different steps: decide with
+    `all_reduce(float(flag.requested), "max")` so every rank enters save_checkpoint together.
+    """
+    flag = types.SimpleNamespace(requested=False)
+
+    def handler(signum, frame):
+        flag.requested = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
