@@ -334,11 +334,13 @@ def _fmt(value):
 class Logger:
     """Rank 0 writes each step to stdout, out_dir/metrics.jsonl (one flushed line per step; appended on resume,
     so a re-run step appears twice and the later line wins) and wandb (offline unless WANDB_MODE is set).
-    Nested metric dicts are flattened to "a/b" keys. Other ranks do nothing."""
+    Nested metric dicts are flattened to "a/b" keys. stdout_keys: key prefixes printed to stdout (None: all);
+    the file and wandb always get every key. Other ranks do nothing."""
 
-    def __init__(self, out_dir, config, use_wandb):
+    def __init__(self, out_dir, config, use_wandb, stdout_keys=None):
         self.enabled = _rank() == 0
         self.wandb = None
+        self.stdout_keys = stdout_keys
         if not self.enabled:
             return
         config = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
@@ -356,7 +358,8 @@ class Logger:
         if not self.enabled:
             return
         flat = _flatten(metrics)
-        print(f"step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in flat.items()), flush=True)
+        shown = {k: v for k, v in flat.items() if self.stdout_keys is None or k.startswith(tuple(self.stdout_keys))}
+        print(f"step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()), flush=True)
         # json has no NaN/inf literal that every reader accepts: write them as strings
         row = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in flat.items()}
         self.file.write(json.dumps({"step": step, **row}) + "\n")

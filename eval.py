@@ -478,6 +478,12 @@ def mean(xs):
 def summarise(key, parts):
     """One task's metrics from its rows' parts; the failure counts ride along."""
     out = {"rows": len(parts), **{flag: sum(bool(p[flag]) for p in parts) for flag in FAILURES}}
+    if all("reward" in p for p in parts):  # records written by eval.py; compute_metrics' parts have none
+        out["reward"] = mean([p["reward"] for p in parts])
+        out["format_rate"] = mean([p["format"] for p in parts])
+        out["reward_accuracy"] = mean([p["reward_accuracy"] for p in parts])
+    if key.startswith("segmentation") and not any("iou" in p or "j" in p for p in parts):
+        return out  # --sam2=false: no masks, only the reward's box/point accuracy
     if key in QA_TYPES:
         out["accuracy"] = mean([p["accuracy"] for p in parts])
     elif key == "temporal grounding":
@@ -574,6 +580,7 @@ class Config:
     sam2_checkpoint: str = ""  # "" = random weights: plumbing only
     sam2_image_size: int = 0  # 0 = 1024 with a checkpoint (SAM2's own), 512 with random weights (fast on CPU)
     mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
+    sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
 
 
 PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, dtype="bfloat16")}  # the release's eval settings
@@ -661,10 +668,17 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
                 response, finish_reason = generated.get(i, ("", "media_missing"))
                 if i not in generated:
                     parts = failed_parts(row, "media_missing")
+                elif row["problem_type"] == "segmentation" and not cfg.sam2:
+                    parts = dict.fromkeys(FAILURES, False)
                 else:
                     if row["problem_type"] == "segmentation" and "sam2" not in sam2_cache:
                         sam2_cache["sam2"] = build_sam2(cfg.sam2_checkpoint, cfg.sam2_image_size, device)
                     parts = score_row(row, response, media_root, sam2_cache.get("sam2"), cfg.mask_variant)
+                # the training reward too (SPEC 4), so eval shows what RL optimised; a row never generated scores 0
+                reward = rewards.score(response, ground_truth(row), row["problem_type"],
+                                       row.get("data_type") or "image")[1] if i in generated else {}
+                parts.update(reward=reward.get("overall", 0.0), format=reward.get("format", 0.0),
+                             reward_accuracy=reward.get("accuracy", 0.0))
                 record = {"index": i, "problem_id": row.get("problem_id"), "problem_type": row["problem_type"],
                           "data_type": row.get("data_type", "image"), "response": response,
                           "finish_reason": finish_reason, "parts": parts, "mask_variant": cfg.mask_variant,
@@ -682,7 +696,7 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
     if missing:
         raise RuntimeError(f"{folder}: {len(missing)} rows have no record after generation, e.g. {missing[:5]}")
     metrics = aggregate(rows, [records[i]["parts"] for i in range(len(rows))])
-    if any(row["problem_type"] == "segmentation" for row in rows) and not cfg.sam2_checkpoint:
+    if any(row["problem_type"] == "segmentation" for row in rows) and cfg.sam2 and not cfg.sam2_checkpoint:
         metrics["all"]["note"] = RANDOM_SAM2_NOTE
     with open(folder + ".metrics.json", "w") as f:
         json.dump({"data": path, "model": cfg.model, "config": vars(cfg), "metrics": metrics}, f, indent=1)
