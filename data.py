@@ -471,66 +471,81 @@ def prompt_text(row, processor, templates=None):
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def collate(rows, processor, media_cfg=None, templates=None, with_answer=False):
-    """Rows -> dict of tensors for Qwen3VLForConditionalGeneration.forward, left-padded.
-
-    input_ids / attention_mask / mm_token_type_ids [B, L]; pixel_values [N_patches, C*2*16*16] + image_grid_thw
-    [N_images, 3] and pixel_values_videos + video_grid_thw when the batch has media of that kind.
-    with_answer (SFT rows): the assistant turn follows the prompt, and labels [B, L] (unshifted, as HF takes
-    them) hold input_ids on the assistant content and its closing <|im_end|>, -100 elsewhere.
-    """
+def encode_row(row, processor, media_cfg=None, templates=None, with_answer=False):
+    """One row through the processor: {"ids", "types", "labels": lists, media tensors}. Deterministic (no
+    augmentation), so a trainer may keep the results in a dict and reuse them (collate's `cache`)."""
     media_cfg = media_cfg or MediaConfig()
     tokenizer = processor.tokenizer
-    texts, images, videos, video_metadata = [], [], [], []
-    for row in rows:
-        texts.append(prompt_text(row, processor, templates))
-        for media_type, path in zip(row["media_types"], row["media"]):
-            try:
-                if media_type == "image":
-                    images.append(load_image(path, media_cfg.image_min_pixels, media_cfg.image_max_pixels))
-                else:
-                    frames, metadata = load_video(path, media_cfg.fps, media_cfg.max_frames,
-                                                  media_cfg.video_min_pixels, media_cfg.video_max_pixels)
-                    videos.append(frames)
-                    video_metadata.append(metadata)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{row['source']} field 'media': {e}") from None
+    images, videos, video_metadata = [], [], []
+    for media_type, path in zip(row["media_types"], row["media"]):
+        try:
+            if media_type == "image":
+                images.append(load_image(path, media_cfg.image_min_pixels, media_cfg.image_max_pixels))
+            else:
+                frames, metadata = load_video(path, media_cfg.fps, media_cfg.max_frames,
+                                              media_cfg.video_min_pixels, media_cfg.video_max_pixels)
+                videos.append(frames)
+                video_metadata.append(metadata)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{row['source']} field 'media': {e}") from None
     media_kwargs = {}
     if images:
         media_kwargs["images"] = images
     if videos:
         media_kwargs.update(videos=videos, video_metadata=video_metadata, do_sample_frames=False)
     # our media are already sized to multiples of 32 within the budget: the processor must not resize again
-    encoded = processor(text=texts, do_resize=False, **media_kwargs)  # unpadded lists per row
-
-    sequences, types, labels = [], [], []
-    for i, row in enumerate(rows):
-        ids, mm_types = list(encoded["input_ids"][i]), list(encoded["mm_token_type_ids"][i])
-        row_labels = [-100] * len(ids)
-        if with_answer:
-            if row["kind"] != "sft":
-                raise ValueError(f"{row['source']}: with_answer needs an SFT row (messages), got a {row['kind']} row")
-            # tokenised apart from the prompt so the prompt tokens are exactly those generation sees
-            answer = tokenizer(row["messages"][1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-            ids += answer + newline
-            mm_types += [0] * (len(answer) + len(newline))
-            row_labels += answer + [-100] * len(newline)
-        sequences.append(ids)
-        types.append(mm_types)
-        labels.append(row_labels)
-
-    length = max(len(ids) for ids in sequences)
-    batch = {
-        "input_ids": left_pad(sequences, length, tokenizer.pad_token_id),  # [B, L]
-        "attention_mask": left_pad([[1] * len(ids) for ids in sequences], length, 0),  # [B, L]
-        "mm_token_type_ids": left_pad(types, length, 0),  # [B, L]
-    }
+    encoded = processor(text=[prompt_text(row, processor, templates)], do_resize=False, **media_kwargs)
+    ids, types = list(encoded["input_ids"][0]), list(encoded["mm_token_type_ids"][0])
+    labels = [-100] * len(ids)
+    if with_answer:
+        if row["kind"] != "sft":
+            raise ValueError(f"{row['source']}: with_answer needs an SFT row (messages), got a {row['kind']} row")
+        # tokenised apart from the prompt so the prompt tokens are exactly those generation sees
+        answer = tokenizer(row["messages"][1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        ids += answer + newline
+        types += [0] * (len(answer) + len(newline))
+        labels += answer + [-100] * len(newline)
+    out = {"ids": ids, "types": types, "labels": labels}
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in encoded:
-            batch[key] = torch.as_tensor(encoded[key])
+            out[key] = torch.as_tensor(encoded[key])
+    return out
+
+
+def collate(rows, processor, media_cfg=None, templates=None, with_answer=False, cache=None):
+    """Rows -> dict of tensors for Qwen3VLForConditionalGeneration.forward, left-padded.
+
+    input_ids / attention_mask / mm_token_type_ids [B, L]; pixel_values [N_patches, C*2*16*16] + image_grid_thw
+    [N_images, 3] and pixel_values_videos + video_grid_thw when the batch has media of that kind (each row's
+    media in row order, as the processor lays out a batch).
+    with_answer (SFT rows): the assistant turn follows the prompt, and labels [B, L] (unshifted, as HF takes
+    them) hold input_ids on the assistant content and its closing <|im_end|>, -100 elsewhere.
+    cache: a dict kept by the caller; rows already encoded (by their "source") skip media decode and the
+    processor, which dominate a tiny model's step on CPU.
+    """
+    encoded = []
+    for row in rows:
+        key = (row["source"], with_answer)
+        if cache is not None and key in cache:
+            encoded.append(cache[key])
+            continue
+        item = encode_row(row, processor, media_cfg, templates, with_answer)
+        if cache is not None:
+            cache[key] = item
+        encoded.append(item)
+    length = max(len(e["ids"]) for e in encoded)
+    batch = {
+        "input_ids": left_pad([e["ids"] for e in encoded], length, processor.tokenizer.pad_token_id),  # [B, L]
+        "attention_mask": left_pad([[1] * len(e["ids"]) for e in encoded], length, 0),  # [B, L]
+        "mm_token_type_ids": left_pad([e["types"] for e in encoded], length, 0),  # [B, L]
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [e[key] for e in encoded if key in e]
+        if parts:
+            batch[key] = torch.cat(parts)
     if with_answer:
-        batch["labels"] = left_pad(labels, length, -100)  # [B, L]
+        batch["labels"] = left_pad([e["labels"] for e in encoded], length, -100)  # [B, L]
     return batch
 
 

@@ -27,7 +27,8 @@ import data
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30),
            "purple": (150, 60, 190)}
 SHAPES = ("circle", "square", "triangle")
-SIZE = 128  # image and frame side in pixels: 16 vision tokens after the 2x2 merge
+SIZE = 128  # image side in pixels: 16 vision tokens after the 2x2 merge
+VIDEO_SIZE = 96  # frame side: 9 tokens per pair of frames, so a 4 s clip at 2 fps costs 36 vision tokens
 FPS, SECONDS = 8, 4  # clips: 32 frames; the model samples them at 2 fps
 WORDS = ("CAT", "DOG", "SUN", "BOX", "RED", "MAP", "CUP", "HAT", "PEN", "KEY", "BUS", "FOX", "OWL", "JAM", "ZIP")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -41,8 +42,8 @@ def dumps(obj):
 # -----------------------------------------------------------------------------
 # scenes
 
-def random_objects(rng, count, min_r=12, max_r=22, margin=4):
-    """count objects with distinct (colour, shape), not overlapping, inside the frame."""
+def random_objects(rng, count, min_r=12, max_r=22, margin=4, size=SIZE):
+    """count objects with distinct (colour, shape), not overlapping, inside a size x size frame."""
     pairs = [(c, s) for c in COLOURS for s in SHAPES]
     chosen = rng.choice(len(pairs), size=count, replace=False)
     objects = []
@@ -50,7 +51,7 @@ def random_objects(rng, count, min_r=12, max_r=22, margin=4):
         colour, shape = pairs[k]
         for _ in range(100):
             r = int(rng.integers(min_r, max_r + 1))
-            cx, cy = (int(v) for v in rng.integers(r + margin, SIZE - r - margin, size=2))
+            cx, cy = (int(v) for v in rng.integers(r + margin, size - r - margin, size=2))
             if all(math.hypot(cx - o["cx"], cy - o["cy"]) > r + o["r"] + 4 for o in objects):
                 break
         objects.append({"colour": colour, "shape": shape, "cx": cx, "cy": cy, "r": r})
@@ -67,43 +68,43 @@ def draw_object(draw, o, fill):
         draw.polygon([(o["cx"], y1), (x1, y2), (x2, y2)], fill=fill)
 
 
-def render(objects, text=None):
-    image = Image.new("RGB", (SIZE, SIZE), (245, 245, 245))
+def render(objects, text=None, size=SIZE):
+    image = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(image)
     for o in objects:
         draw_object(draw, o, COLOURS[o["colour"]])
     if text:
         font = ImageFont.load_default(size=36)
         x1, y1, x2, y2 = draw.textbbox((0, 0), text, font=font)
-        draw.text(((SIZE - (x2 - x1)) // 2 - x1, (SIZE - (y2 - y1)) // 2 - y1), text, fill=(20, 20, 20), font=font)
+        draw.text(((size - (x2 - x1)) // 2 - x1, (size - (y2 - y1)) // 2 - y1), text, fill=(20, 20, 20), font=font)
     return image
 
 
-def mask_of(o):
-    image = Image.new("L", (SIZE, SIZE), 0)
+def mask_of(o, size=SIZE):
+    image = Image.new("L", (size, size), 0)
     draw_object(ImageDraw.Draw(image), o, 255)
     return np.asarray(image) > 0  # [H, W]
 
 
-def box_of(o):
+def box_of(o, size=SIZE):
     """[x1, y1, x2, y2] in 0..1000 of the object's pixel extent (inclusive drawing bounds)."""
     r = o["r"]
-    return [round(1000 * (o["cx"] - r) / SIZE), round(1000 * (o["cy"] - r) / SIZE),
-            round(1000 * (o["cx"] + r + 1) / SIZE), round(1000 * (o["cy"] + r + 1) / SIZE)]
+    return [round(1000 * (o["cx"] - r) / size), round(1000 * (o["cy"] - r) / size),
+            round(1000 * (o["cx"] + r + 1) / size), round(1000 * (o["cy"] + r + 1) / size)]
 
 
-def seg_points(o):
+def seg_points(o, size=SIZE):
     """3 points inside the shape and 3 outside its box, in 0..1000: a fixed rule the model can learn."""
     cx, cy, r = o["cx"], o["cy"], o["r"]
     inside = [(cx, cy + r // 3), (cx - r // 3, cy + r // 2), (cx + r // 3, cy + r // 2)]  # inside all 3 shapes
     outside = [(cx - r - 8, cy), (cx + r + 8, cy), (cx, cy - r - 8)]
-    scale = lambda p: [min(1000, max(0, round(1000 * p[0] / SIZE))), min(1000, max(0, round(1000 * p[1] / SIZE)))]
+    scale = lambda p: [min(1000, max(0, round(1000 * p[0] / size))), min(1000, max(0, round(1000 * p[1] / size)))]
     return [scale(p) for p in inside], [scale(p) for p in outside]
 
 
-def where(o):
-    vertical = "top" if o["cy"] < SIZE / 3 else "bottom" if o["cy"] > 2 * SIZE / 3 else "middle"
-    horizontal = "left" if o["cx"] < SIZE / 3 else "right" if o["cx"] > 2 * SIZE / 3 else "centre"
+def where(o, size=SIZE):
+    vertical = "top" if o["cy"] < size / 3 else "bottom" if o["cy"] > 2 * size / 3 else "middle"
+    horizontal = "left" if o["cx"] < size / 3 else "right" if o["cx"] > 2 * size / 3 else "centre"
     return f"{vertical} {horizontal}"
 
 
@@ -189,16 +190,16 @@ def image_segmentation(rng):
 # -----------------------------------------------------------------------------
 # video tasks: objects move linearly; each returns (problem, answer, think, options, frames, extra)
 
-def moving_objects(rng, count, speed=(6, 12)):
+def moving_objects(rng, count, speed=(4, 9)):
     """Objects with a direction and speed (pixels per second) that stay inside the frame for the whole clip."""
-    objects = random_objects(rng, count, min_r=10, max_r=16)
+    objects = random_objects(rng, count, min_r=7, max_r=12, size=VIDEO_SIZE)
     for o in objects:
         direction = list(DIRECTIONS)[int(rng.integers(4))]
         dx, dy = DIRECTIONS[direction]
         v = float(rng.uniform(*speed))
         travel = v * SECONDS
         # move the start back so the whole path stays inside the frame
-        lo, hi = o["r"] + 2, SIZE - o["r"] - 3
+        lo, hi = o["r"] + 2, VIDEO_SIZE - o["r"] - 3
         if dx:
             o["cx"] = int(np.clip(o["cx"], lo + max(0, -dx) * travel, hi - max(0, dx) * travel))
         if dy:
@@ -220,7 +221,7 @@ def render_clip(objects):
     frames = []
     for f in range(FPS * SECONDS):
         t = f / FPS
-        frames.append(np.asarray(render([at(o, t) for o in objects if visible(o, t)])))
+        frames.append(np.asarray(render([at(o, t) for o in objects if visible(o, t)], size=VIDEO_SIZE)))
     return np.stack(frames)  # [T, H, W, 3]
 
 
@@ -234,7 +235,7 @@ def video_multiple_choice(rng):
 
 
 def video_temporal(rng):
-    objects = moving_objects(rng, int(rng.integers(1, 3)), speed=(0, 4))
+    objects = moving_objects(rng, int(rng.integers(1, 3)), speed=(0, 3))
     o = objects[0]
     # visible on a half-second grid (the model sees frames at 2 fps)
     o["start"] = float(rng.integers(0, 4)) / 2  # 0.0 .. 1.5
@@ -251,7 +252,7 @@ def video_spatial_temporal(rng):
     o["start"] = float(rng.integers(0, 2))  # 0 or 1 s
     o["end"] = float(rng.integers(o["start"] + 2, SECONDS + 1))
     seconds = [s for s in range(int(o["start"]), SECONDS) if visible(o, s)]
-    boxes = {str(s): box_of(at(o, s)) for s in seconds}
+    boxes = {str(s): box_of(at(o, s), VIDEO_SIZE) for s in seconds}
     answer = dumps({"time": [o["start"], o["end"]], "boxes": boxes})
     return (f"When and where is the {name(o)}?", answer, f"The {name(o)} moves {o['direction']}.", None,
             render_clip(objects), {})
@@ -260,8 +261,8 @@ def video_spatial_temporal(rng):
 def video_tracking(rng):
     objects = moving_objects(rng, int(rng.integers(1, 3)))
     o = objects[0]
-    first = box_of(at(o, 0))
-    boxes = {str(s): box_of(at(o, s)) for s in range(1, SECONDS)}
+    first = box_of(at(o, 0), VIDEO_SIZE)
+    boxes = {str(s): box_of(at(o, s), VIDEO_SIZE) for s in range(1, SECONDS)}
     problem = f"The {name(o)} starts in box {first}. Give its box at every second."
     return problem, dumps({"boxes": boxes}), f"The {name(o)} moves {o['direction']}.", None, render_clip(objects), {}
 
@@ -270,11 +271,11 @@ def video_segmentation(rng):
     objects = moving_objects(rng, int(rng.integers(1, 3)))
     o = objects[0]
     key_t = 2.0  # the keyframe: the middle of the clip
-    positive, negative = seg_points(at(o, key_t))
-    answer = dumps({"time": key_t, "boxes": box_of(at(o, key_t)), "positive_points": positive,
+    positive, negative = seg_points(at(o, key_t), VIDEO_SIZE)
+    answer = dumps({"time": key_t, "boxes": box_of(at(o, key_t), VIDEO_SIZE), "positive_points": positive,
                     "negative_points": negative})
-    masks = {str(f): data.rle_encode(mask_of(at(o, f / FPS))) for f in range(FPS * SECONDS)}
-    extra = {"resolution": {"width": SIZE, "height": SIZE}, "fps": FPS, "segmentation_output": masks}
+    masks = {str(f): data.rle_encode(mask_of(at(o, f / FPS), VIDEO_SIZE)) for f in range(FPS * SECONDS)}
+    extra = {"resolution": {"width": VIDEO_SIZE, "height": VIDEO_SIZE}, "fps": FPS, "segmentation_output": masks}
     return (f"Segment the {name(o)} in the video.", answer, f"The {name(o)} moves {o['direction']}.", None,
             render_clip(objects), extra)
 
@@ -311,7 +312,7 @@ TASKS = [
 def write_video(path, frames):
     with av.open(path, "w") as container:
         stream = container.add_stream("mpeg4", rate=FPS)  # in every FFmpeg build, unlike libx264
-        stream.width, stream.height, stream.pix_fmt = SIZE, SIZE, "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = VIDEO_SIZE, VIDEO_SIZE, "yuv420p"
         stream.options = {"qscale": "3"}  # near-lossless: colours must survive the codec
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):

@@ -55,6 +55,7 @@ class Config:
     max_frames: int = 128
     image_max_pixels: int = 1048576
     video_max_pixels: int = 64 * 32 * 32
+    cache_inputs: bool = True  # keep rows' processor outputs in memory (media decode dominates tiny steps)
     # validation, logging, checkpoints
     val_rows: int = 128  # held out of `data` (a seeded choice) for the validation loss
     val_every: int = 250
@@ -68,7 +69,7 @@ PRESETS = {
     "shapes": {},
     "release": dict(max_steps=0, batch_size=128, micro_batch_size=1, lr=1e-5, weight_decay=1e-6,
                     grad_checkpointing=True, bf16=True, image_max_pixels=1048576, video_max_pixels=64 * 32 * 32,
-                    val_rows=512, val_every=500, save_every=500),
+                    cache_inputs=False, val_rows=512, val_every=500, save_every=500),
 }
 
 
@@ -110,12 +111,13 @@ def lr_at(step, cfg, total_steps):
 
 
 @torch.no_grad()
-def validation_loss(model, rows, processor, media_cfg, cfg, device):
+def validation_loss(model, rows, processor, media_cfg, cfg, device, cache=None):
     """Token-mean loss over the held-out rows (each rank its share, combined over ranks)."""
     model.eval()
     total, tokens = 0.0, 0.0
     for chunk in length_sorted_micro_batches(rows, cfg.micro_batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, with_answer=True).items()}
+        batch = {k: v.to(device) for k, v in
+                 data.collate(chunk, processor, media_cfg, with_answer=True, cache=cache).items()}
         n = float((batch["labels"][:, 1:] != -100).sum())
         with autocast(cfg, device):
             total += sft_loss(model, batch, 1.0).item()
@@ -137,6 +139,8 @@ def main(argv):
     if cfg.batch_size % (world_size * cfg.micro_batch_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of world_size*micro_batch_size="
                          f"{world_size}*{cfg.micro_batch_size}")
+    if cfg.val_rows % world_size:  # every rank must run the same number of validation forwards (FSDP)
+        raise ValueError(f"val_rows={cfg.val_rows} must be a multiple of world_size={world_size}")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -162,6 +166,7 @@ def main(argv):
     train_rows = [r for i, r in enumerate(rows) if i not in held_out]
     sampler = data.ShardedSampler(len(train_rows), rank, world_size, seed=cfg.seed)
     rows_per_rank = cfg.batch_size // world_size
+    cache = {} if cfg.cache_inputs else None
     total_steps = cfg.max_steps or len(train_rows) // cfg.batch_size
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,7 +198,8 @@ def main(argv):
         t0 = time.perf_counter()
         # --- batch: this rank's rows, sorted by length into micro-batches
         step_rows = [train_rows[i] for i in sampler.next_batch(rows_per_rank)]
-        batches = [{k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, with_answer=True).items()}
+        batches = [{k: v.to(device) for k, v in
+                    data.collate(chunk, processor, media_cfg, with_answer=True, cache=cache).items()}
                    for chunk in length_sorted_micro_batches(step_rows, cfg.micro_batch_size)]
         local_tokens = sum(float((b["labels"][:, 1:] != -100).sum()) for b in batches)
         local_padding = sum(float((b["attention_mask"] == 0).sum()) for b in batches)
@@ -230,8 +236,8 @@ def main(argv):
                               "padding_share": counts["padding"] / counts["cells"],
                               "tokens_per_step": counts["tokens"], "epoch": sampler.epoch,
                               "sec": {"step": time.perf_counter() - t0, "data": t_data}})
-        if val_rows and (step % cfg.val_every == 0 or step == total_steps):
-            logger.log(step, {"val_loss": validation_loss(model, val_rows, processor, media_cfg, cfg, device)})
+        if cfg.val_rows and (step % cfg.val_every == 0 or step == total_steps):
+            logger.log(step, {"val_loss": validation_loss(model, val_rows, processor, media_cfg, cfg, device, cache)})
         stop = common.all_reduce(float(sigterm.requested), "max") > 0
         if step % cfg.save_every == 0 or step == total_steps or stop:
             save()

@@ -69,11 +69,12 @@ def test_segmentation_masks_match_the_box_and_points(suite):
             assert len(row["segmentation_output"]) == shapes.FPS * shapes.SECONDS
             mask = data.rle_decode(row["segmentation_output"][str(int(answer["time"] * row["fps"]))])
         assert mask.shape == (row["resolution"]["height"], row["resolution"]["width"])
+        size = mask.shape[0]
         ys, xs = np.nonzero(mask)
-        pixel_box = [round(1000 * xs.min() / shapes.SIZE), round(1000 * ys.min() / shapes.SIZE),
-                     round(1000 * (xs.max() + 1) / shapes.SIZE), round(1000 * (ys.max() + 1) / shapes.SIZE)]
-        assert np.abs(np.array(pixel_box) - np.array(answer["boxes"])).max() <= 1000 / shapes.SIZE + 1
-        to_pixel = lambda p: (min(shapes.SIZE - 1, p[1] * shapes.SIZE // 1000), min(shapes.SIZE - 1, p[0] * shapes.SIZE // 1000))
+        pixel_box = [round(1000 * xs.min() / size), round(1000 * ys.min() / size),
+                     round(1000 * (xs.max() + 1) / size), round(1000 * (ys.max() + 1) / size)]
+        assert np.abs(np.array(pixel_box) - np.array(answer["boxes"])).max() <= 1000 / size + 1
+        to_pixel = lambda p: (min(size - 1, p[1] * size // 1000), min(size - 1, p[0] * size // 1000))
         assert all(mask[to_pixel(p)] for p in answer["positive_points"])
         assert not any(mask[to_pixel(p)] for p in answer["negative_points"])
 

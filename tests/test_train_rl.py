@@ -1,0 +1,310 @@
+"""train_rl.py: exact resume (sampler, rollout generator, AdamW, task EMA), a non-finite update is skipped, a
+reward exception and a filter that keeps nothing skip the step and training goes on, and on 2 gloo ranks the
+PPO update equals one process's on the same global micro-batches while both ranks hold the same task EMA.
+
+The runs use the untrained tiny model on open-ended rows: its random words overlap the reference a little, so
+ROUGE gives groups a spread of rewards (non-zero advantages) without any SFT first."""
+import copy
+import faulthandler
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TEST_MEDIA
+from safetensors.torch import load_file
+
+import common
+import data
+import ema_grpo
+import model as model_lib
+import rewards
+import rollout
+import train_rl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE = "I look at the picture and count the shapes"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_sigterm_handler():
+    """main() installs its SIGTERM flag in this process; give pytest its own handler back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def torchrun(args, timeout=300):
+    """(returncode, stderr) of `torchrun --nproc_per_node 2 ARGS` on CPU; on a timeout the launcher AND its ranks
+    are killed (subprocess.run would kill only the launcher and leave hung ranks spinning)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        err += f"\ntimed out after {timeout} s"
+    return proc.returncode, err
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {row.pop("step"): row for row in map(json.loads, f)}
+
+
+def exported_weights(out_dir):
+    return load_file(os.path.join(out_dir, "hf", "model.safetensors"))
+
+
+def checkpoint_weights(model_dir, path):
+    """(state dict, extra of rank 0) of a checkpoint, loaded into the model of model_dir."""
+    tiny_model, _ = model_lib.load_model(model_dir)
+    extra = common.load_checkpoint(path, tiny_model)
+    return tiny_model.state_dict(), extra
+
+
+@pytest.fixture(scope="module")
+def rl_args(suite_dir, model_dir, tmp_path_factory):
+    """6 open-ended prompts (5 image, 1 video) plus a multiple-choice one; 2 prompts x 4 samples of 8 tokens a
+    step, 2 PPO updates of 1 prompt each."""
+    rows = [{"problem": f"Describe picture {i}.", "answer": f"<answer>{REFERENCE}</answer>",
+             "problem_type": "open-ended", "data_type": "image", "images": [f"media/{'ab'[i % 2]}.png"],
+             "problem_id": i} for i in range(5)]
+    rows.append({"problem": "Describe the clip.", "answer": REFERENCE, "problem_type": "open-ended",
+                 "data_type": "video", "videos": ["media/clip.mp4"], "problem_id": 5})
+    rows.append({"problem": "What colour is the circle?", "options": ["A. red", "B. blue"], "answer": "B",
+                 "problem_type": "multiple choice", "data_type": "image", "images": ["media/a.png"], "problem_id": 6})
+    path = tmp_path_factory.mktemp("rl_data") / "rl.json"
+    path.write_text(json.dumps(rows))
+    return [f"--model={model_dir}", f"--data={path}", f"--media_root={suite_dir}", "--prompts_per_step=2", "--n=4",
+            "--max_new_tokens=8", "--micro_batch_prompts=1", "--ppo_updates=2", "--lr=1e-3", "--max_refill_tries=2",
+            "--image_max_pixels=6144", "--video_max_pixels=6144", "--max_frames=8", "--sample_every=1"]
+
+
+def micro_batch(tiny_model, processor, rows, n=2, seed=0):
+    """A PPO micro-batch for `rows` with random responses (no special or media tokens), old log-probs near the
+    current ones (some ratios leave the clip range) and advantages of both signs."""
+    gen = torch.Generator().manual_seed(seed)
+    banned = set(processor.tokenizer.all_special_ids) | {tiny_model.config.image_token_id,
+                                                          tiny_model.config.video_token_id}
+    allowed = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in banned])
+    groups = []
+    for row in rows:
+        ids = allowed[torch.randint(len(allowed), (n, 6), generator=gen)]  # [n, T]
+        mask = (torch.arange(6)[None] < torch.randint(2, 7, (n, 1), generator=gen)).long()  # [n, T]
+        groups.append({"row": row, "response_ids": ids, "response_mask": mask})
+    cfg = train_rl.Config(n=n)
+    inputs, ids, mask = train_rl.micro_batch_inputs(groups, processor, TEST_MEDIA, None, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask)  # [mn, T]
+    old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=gen)) * mask  # [mn, T]
+    adv = torch.randn(len(rows) * n, generator=gen)  # [mn]
+    return {"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
+
+
+# -----------------------------------------------------------------------------
+# the update step alone
+
+
+def test_ppo_step_skips_a_non_finite_update(model_dir, suite_dir):
+    tiny_model, processor = model_lib.load_model(model_dir)
+    rows = data.load_rows(str(suite_dir / "rl.json"))
+    optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+    cfg = train_rl.Config()
+    mb = micro_batch(tiny_model, processor, rows[:2])
+    start = copy.deepcopy(tiny_model.state_dict())
+    for bad in (float("nan"), float("inf")):
+        poisoned = {**mb, "adv": mb["adv"].clone().index_fill_(0, torch.tensor([1]), bad)}
+        metrics = train_rl.ppo_step(tiny_model, optimizer, [poisoned], cfg)
+        assert metrics["skipped"] == 1.0
+        for name, p in tiny_model.state_dict().items():
+            assert torch.equal(p, start[name]), name
+        assert optimizer.state_dict()["state"] == {}  # AdamW took no step: its moments are untouched
+        assert all(p.grad is None for p in tiny_model.parameters())
+
+    metrics = train_rl.ppo_step(tiny_model, optimizer, [mb], cfg)  # training goes on
+    assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0 and metrics["clip_frac"] > 0
+    changed = [name for name, p in tiny_model.state_dict().items() if not torch.equal(p, start[name])]
+    assert changed and all(torch.isfinite(p).all() for p in tiny_model.parameters())
+
+
+# -----------------------------------------------------------------------------
+# whole runs in this process
+
+
+def test_resume_is_exact(rl_args, model_dir, tmp_path):
+    """4 steps in one run == 2 steps + resume + 2 steps: the same rollouts (sampler and rollout generator), rewards,
+    task EMA, losses and bit-identical weights. Filtering with refill is on, so the sampler position moves by a
+    varying number of prompts per step."""
+    full_dir, resumed_dir = tmp_path / "full", tmp_path / "resumed"
+    train_rl.main(rl_args + [f"--out_dir={full_dir}", "--max_steps=4", "--save_every=2"])
+    shutil.copytree(full_dir / "ckpt" / "step_000002", resumed_dir / "ckpt" / "step_000002")
+    train_rl.main(rl_args + [f"--out_dir={resumed_dir}", "--max_steps=4", "--save_every=2", "--resume=true"])
+
+    full, resumed = read_metrics(full_dir), read_metrics(resumed_dir)
+    assert sorted(full) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    updated = [step for step in full if full[step].get("skipped") == 0.0 and full[step]["grad_norm"] > 0]
+    assert 3 in updated or 4 in updated  # the compared steps did train
+    for step in (3, 4):
+        keys = {key for key in full[step] if not key.startswith(("sec/", "reward_counters/"))}
+        assert keys == {key for key in resumed[step] if not key.startswith(("sec/", "reward_counters/"))}
+        for key in keys:
+            if isinstance(full[step][key], float):
+                assert resumed[step][key] == pytest.approx(full[step][key], abs=1e-6, rel=0), (step, key)
+            else:
+                assert resumed[step][key] == full[step][key], (step, key)
+
+    def samples(out_dir):
+        with open(out_dir / "samples.jsonl") as f:
+            return [row for row in map(json.loads, f) if row["step"] > 2]
+    assert samples(resumed_dir) == samples(full_dir)  # identical responses: the rollout generator was restored
+
+    expected, got = exported_weights(full_dir), exported_weights(resumed_dir)
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    (_, full_extra), (_, resumed_extra) = (checkpoint_weights(model_dir, d / "ckpt" / "step_000004")
+                                           for d in (full_dir, resumed_dir))
+    assert full_extra["ema"] == resumed_extra["ema"] and full_extra["ema"]["moments"]
+    assert full_extra["sampler"] == resumed_extra["sampler"]
+
+
+def test_reward_exception_and_non_finite_reward_skip_the_step(rl_args, model_dir, tmp_path, monkeypatch, capfd):
+    """Step 1: compute_score raises; step 2: it returns a NaN reward; step 3: the real reward. Steps 1-2 are
+    logged and take no update (the weights and the task EMA stay clean); step 3 trains."""
+    real = rewards.compute_score
+    calls = []
+
+    def flaky(items, *args, **kwargs):
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise RuntimeError("reward server went away")
+        scores = real(items, *args, **kwargs)
+        if len(calls) == 2:
+            scores[3] = {**scores[3], "overall": float("nan")}
+        return scores
+
+    monkeypatch.setattr(rewards, "compute_score", flaky)
+    train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--max_steps=3", "--save_every=1", "--filter_groups=false"])
+    err = capfd.readouterr().err
+    assert "RuntimeError: reward server went away" in err and "non-finite reward" in err
+
+    metrics = read_metrics(tmp_path)
+    for step in (1, 2):
+        assert metrics[step]["reward_errors"] == 1.0 and metrics[step]["update_skipped"] == "reward error"
+        assert "loss" not in metrics[step]
+    assert metrics[3]["reward_errors"] == 0.0 and metrics[3]["skipped"] == 0.0 and metrics[3]["grad_norm"] > 0
+
+    start, _ = model_lib.load_model(model_dir)
+    after_2, extra_2 = checkpoint_weights(model_dir, tmp_path / "ckpt" / "step_000002")
+    for name, p in start.state_dict().items():
+        assert torch.equal(after_2[name], p), name
+    assert extra_2["ema"]["moments"] == {}  # no score reached the task EMA
+    after_3, extra_3 = checkpoint_weights(model_dir, tmp_path / "ckpt" / "step_000003")
+    assert any(not torch.equal(after_3[name], p) for name, p in start.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in after_3.values())
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
+
+
+def test_filter_that_keeps_nothing_skips_the_update(rl_args, model_dir, tmp_path):
+    """No group can pass filter_low=1.0: each step refills max_refill_tries times, logs a keep rate of 0 and
+    takes no update; the run still finishes, checkpoints and exports (the starting weights)."""
+    train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--max_steps=2", "--filter_low=1.0"])
+    metrics = read_metrics(tmp_path)
+    assert sorted(metrics) == [1, 2]
+    for row in metrics.values():
+        assert row["filter_keep_rate"] == 0.0 and row["update_skipped"] == "no groups kept after filtering"
+        assert "loss" not in row and row["reward/all/overall"] >= 0
+    _, extra = checkpoint_weights(model_dir, tmp_path / "ckpt" / "step_000002")
+    consumed = extra["sampler"]["epoch"] * 7 + extra["sampler"]["position"]  # 7 rows per epoch
+    assert consumed == 2 * 2 * 2  # steps x refill tries x prompts
+    start, _ = model_lib.load_model(model_dir)
+    exported = exported_weights(tmp_path)
+    for name, p in exported.items():
+        assert torch.equal(p, start.state_dict()[name]), name
+
+
+# -----------------------------------------------------------------------------
+# 2 gloo ranks: the PPO update on half the micro-batches each == one process on all; the task EMA is shared
+
+EMA_SCORES = [  # per rank, two rollout steps: (scores, task keys); groups of 2
+    [([0.0, 1.0, 0.2, 0.4], ["open-ended"] * 2 + ["math"] * 2), ([1.0, 1.0, 0.0, 0.5], ["math"] * 4)],
+    [([0.5, 0.1, 1.5, 1.5], ["open-ended"] * 4), ([0.3, 0.9, 0.0, 1.0], ["open-ended"] * 2 + ["tracking"] * 2)],
+]
+
+
+def ema_run(scores_and_keys, group_offset=0):
+    """Advantages of each batch and the final tracker state, for a list of (scores, task keys) batches."""
+    tracker = ema_grpo.TaskEMA()
+    advs = []
+    for scores, keys in scores_and_keys:
+        group_ids = [group_offset + i // 2 for i in range(len(scores))]
+        advs.append(ema_grpo.advantages(torch.tensor(scores), group_ids, keys, tracker).tolist())
+    return advs, tracker.state_dict()
+
+
+def _worker(model_dir, work_dir):
+    faulthandler.dump_traceback_later(150, exit=True)  # a hung collective fails the test with its stack
+    rank, world_size, _, _ = common.init_distributed()
+    tiny_model, processor = model_lib.load_model(model_dir)
+    tiny_model = common.shard_model(tiny_model, mixed_precision=False)
+    optimizer = torch.optim.SGD(tiny_model.parameters(), lr=1.0)  # the weight change is the clipped gradient
+    micro_batches = torch.load(os.path.join(work_dir, "micro_batches.pt"))
+    half = len(micro_batches) // world_size
+    metrics = train_rl.ppo_step(tiny_model, optimizer, micro_batches[rank * half:(rank + 1) * half],
+                                train_rl.Config())
+    common.export_hf(tiny_model, processor, os.path.join(work_dir, "hf"))
+    advs, ema_state = ema_run(EMA_SCORES[rank], group_offset=100 * rank)
+    with open(os.path.join(work_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"metrics": metrics, "advantages": advs, "ema": ema_state}, f)
+    common.cleanup()
+
+
+def test_torchrun_update_and_task_ema_match_one_process(model_dir, suite_dir, tmp_path):
+    """Under torchrun: ppo_step on half of the micro-batches per rank (SGD at lr 1, so the weight change is the
+    clipped summed gradient), and the task EMA fed different scores per rank."""
+    tiny_model, processor = model_lib.load_model(model_dir)
+    rows = data.load_rows(str(suite_dir / "rl.json"))  # image, image, video, text-only
+    # rank 0: an image+video micro-batch and a text one; rank 1: two image ones (its vision tower runs once)
+    micro_batches = [micro_batch(tiny_model, processor, [rows[0], rows[2]], seed=1),
+                     micro_batch(tiny_model, processor, [rows[3]], seed=2),
+                     micro_batch(tiny_model, processor, [rows[1]], seed=3),
+                     micro_batch(tiny_model, processor, [rows[0], rows[1]], seed=4)]
+    torch.save(micro_batches, tmp_path / "micro_batches.pt")
+    returncode, stderr = torchrun([os.path.abspath(__file__), model_dir, str(tmp_path)])
+    assert returncode == 0, stderr[-4000:]
+
+    # one process, all four micro-batches, one optimizer step
+    start = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    single = train_rl.ppo_step(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=1.0), micro_batches,
+                               train_rl.Config())
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]  # all-reduced: every rank logs the same numbers
+    assert single["skipped"] == 0.0 and single["clip_frac"] > 0
+    for key, value in single.items():
+        assert ranks[0]["metrics"][key] == pytest.approx(value, abs=1e-5), key
+    exported = exported_weights(tmp_path)
+    for name, p in tiny_model.state_dict().items():
+        if name in exported:
+            assert torch.allclose(exported[name], p, atol=1e-5), name
+    moved = {name.split(".")[1] for name, p in tiny_model.state_dict().items() if not torch.equal(p, start[name])}
+    assert {"visual", "language_model"} <= moved  # the vision tower and the language model both got gradients
+
+    # the task EMA: both ranks hold the state of one process that saw every rank's scores
+    assert ranks[0]["ema"] == ranks[1]["ema"]
+    merged = [(s0 + s1, k0 + k1) for (s0, k0), (s1, k1) in zip(*EMA_SCORES)]
+    advs, ema_state = ema_run(merged)
+    assert ranks[0]["ema"]["moments"].keys() == ema_state["moments"].keys()
+    for task, moments in ema_state["moments"].items():
+        assert ranks[0]["ema"]["moments"][task] == pytest.approx(moments, abs=1e-12), task
+    for step, adv in enumerate(advs):  # groups live on one rank: its advantages are its slice of the merged ones
+        assert ranks[0]["advantages"][step] + ranks[1]["advantages"][step] == pytest.approx(adv, abs=1e-6)
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])

@@ -1,0 +1,218 @@
+"""train_sft.py: the masked loss against a hand computation, the LR schedule, exact resume, 2 gloo ranks == one
+process on the same global batch, and the HF export (from_pretrained gives the trained model's logits).
+
+One 2-step single-process run (module fixture, in this process) is the reference for the resume, torchrun and
+export tests."""
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TEST_MEDIA, answer, suite_rows
+from safetensors.torch import load_file
+from transformers import Qwen3VLForConditionalGeneration
+
+import common
+import data
+import model as model_lib
+import train_sft
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_sigterm_handler():
+    """main() installs its SIGTERM flag in this process; give pytest its own handler back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def torchrun(args, timeout=300):
+    """(returncode, stderr) of `torchrun --nproc_per_node 2 ARGS` on CPU; on a timeout the launcher AND its ranks
+    are killed (subprocess.run would kill only the launcher and leave hung ranks spinning)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        err += f"\ntimed out after {timeout} s"
+    return proc.returncode, err
+
+
+def read_metrics(out_dir):
+    """{step: merged metrics of that step} from metrics.jsonl (training and validation lines share a step)."""
+    by_step = {}
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            by_step.setdefault(row.pop("step"), {}).update(row)
+    return by_step
+
+
+def exported_weights(out_dir):
+    return load_file(os.path.join(out_dir, "hf", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def sft_args(suite_dir, model_dir, tmp_path_factory):
+    """Arguments for a tiny run on 10 rows (image, video and text-only; answers of different lengths, so
+    micro-batches are left-padded): 2 held out, 8 rows per step in micro-batches of 2, 2 steps."""
+    image, video = suite_rows()["sft.json"]
+    rows = []
+    for i in range(10):
+        if i % 3 == 2:  # text only
+            row = {"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                {"role": "assistant", "content": answer(str(2 * i))}]}
+        else:
+            row = copy.deepcopy(video if i == 1 else image)
+            row["messages"][1]["content"] = answer(str(10 ** i))
+        rows.append(row)
+    path = tmp_path_factory.mktemp("sft_data") / "sft.json"
+    path.write_text(json.dumps(rows))
+    return [f"--model={model_dir}", f"--data={path}", f"--media_root={suite_dir}", f"--max_steps={STEPS}",
+            "--batch_size=8", "--micro_batch_size=2", "--val_rows=2", "--val_every=1", "--log_every=1",
+            "--save_every=1", "--lr=2e-4", "--image_max_pixels=6144", "--video_max_pixels=6144", "--max_frames=8"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(sft_args, tmp_path_factory):
+    """2 steps in one process; checkpoints at steps 1 and 2, the HF export at the end."""
+    out_dir = str(tmp_path_factory.mktemp("sft_reference"))
+    train_sft.main(sft_args + [f"--out_dir={out_dir}"])
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# the loss and the schedule
+
+
+def test_sft_loss_is_the_assistant_token_mean(tiny, suite_dir):
+    tiny_model, processor = tiny
+    rows = data.load_rows(str(suite_dir / "sft.json"))  # an image row and a video row of different lengths
+    batch = data.collate(rows, processor, TEST_MEDIA, with_answer=True)
+    labels = batch["labels"]  # [B, L]
+    for row, row_labels in zip(rows, labels):  # the labelled tokens are the assistant turn and its <|im_end|>
+        text = processor.tokenizer.decode(row_labels[row_labels != -100])
+        assert text == row["messages"][1]["content"] + "<|im_end|>"
+
+    with torch.no_grad():
+        logits = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}).logits.double()  # [B, L, V]
+        total, count = 0.0, 0
+        for b in range(labels.shape[0]):
+            for t in range(1, labels.shape[1]):
+                if labels[b, t] != -100:  # logits at t-1 predict the token at t
+                    total -= F.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+                    count += 1
+        assert count == int((labels != -100).sum())
+        loss = train_sft.sft_loss(tiny_model, batch, num_tokens=count)
+        assert loss.item() == pytest.approx(total / count, rel=1e-5)
+
+        # micro-batches normalised by the step's token count add up to the loss of the whole batch
+        parts = [train_sft.sft_loss(tiny_model, data.collate([row], processor, TEST_MEDIA, with_answer=True), count)
+                 for row in rows]
+        assert sum(p.item() for p in parts) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_lr_schedule_and_length_sorted_micro_batches(suite_dir):
+    cfg = train_sft.Config(lr=1.0, warmup_ratio=0.1, min_lr_ratio=0.1)
+    lrs = [train_sft.lr_at(step, cfg, 100) for step in range(100)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warmup over 10% of the steps
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] > 0.1
+
+    rows = data.load_rows(str(suite_dir / "sft.json"))
+    image, video = rows
+    long = {**image, "messages": [image["messages"][0], {"role": "assistant", "content": answer("123456")}]}
+    batches = train_sft.length_sorted_micro_batches([video, long, image, video], 2)
+    assert batches == [[image, long], [video, video]]  # image rows together, the shorter first
+
+
+# -----------------------------------------------------------------------------
+# whole runs
+
+
+def test_training_lowers_the_loss_and_logs(reference_run):
+    metrics = read_metrics(reference_run)
+    assert sorted(metrics) == list(range(1, STEPS + 1))
+    assert metrics[STEPS]["loss"] < metrics[1]["loss"]
+    assert metrics[STEPS]["val_loss"] < metrics[1]["val_loss"]
+    assert 0 < metrics[1]["padding_share"] < 1  # mixed lengths in a micro-batch: left padding, and it is counted
+    assert sorted(os.listdir(os.path.join(reference_run, "ckpt"))) == ["step_000001", "step_000002"]
+
+
+def test_resume_is_exact(reference_run, sft_args, tmp_path):
+    """Step 2 resumed from the step-1 checkpoint (model, AdamW, sampler position, RNG) equals step 2 of the
+    uninterrupted run: the same logged numbers and bit-identical weights."""
+    shutil.copytree(os.path.join(reference_run, "ckpt", "step_000001"), tmp_path / "ckpt" / "step_000001")
+    train_sft.main(sft_args + [f"--out_dir={tmp_path}", "--resume=true"])
+    full, resumed = read_metrics(reference_run), read_metrics(str(tmp_path))
+    assert sorted(resumed) == [2]
+    for key in ("loss", "grad_norm", "lr", "padding_share", "tokens_per_step", "epoch", "val_loss"):
+        assert resumed[2][key] == pytest.approx(full[2][key], abs=1e-6, rel=0), key
+    expected, got = exported_weights(reference_run), exported_weights(str(tmp_path))
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+
+
+def test_torchrun_two_ranks_equal_one_process(reference_run, sft_args, tmp_path):
+    """Each rank takes 4 of the 8 rows of a step (2 micro-batches, gradient sync on the second); the token-mean
+    loss and the summed gradients equal the single process's. (AdamW's first steps move a weight by about
+    lr * g / |g|, so a gradient near 0 that differs in its last bits between the two sums can move a weight
+    by up to ~lr differently: at lr 2e-3 one weight in 50k differed by 1.7e-5, hence the run's lr of 2e-4.)"""
+    returncode, stderr = torchrun([os.path.join(REPO, "train_sft.py")] + sft_args + [f"--out_dir={tmp_path}"])
+    assert returncode == 0, stderr[-4000:]
+    single, ranks = read_metrics(reference_run), read_metrics(str(tmp_path))
+    assert sorted(ranks) == sorted(single)
+    for step in single:
+        for key in ("loss", "grad_norm", "tokens_per_step", "val_loss"):
+            if key in single[step]:
+                assert ranks[step][key] == pytest.approx(single[step][key], abs=1e-5), (step, key)
+    expected, got = exported_weights(reference_run), exported_weights(str(tmp_path))
+    # the sharded export also writes the tied lm_head (common.export_hf); it must still equal the embeddings
+    embed = "model.language_model.embed_tokens.weight"
+    assert torch.equal(got.pop("lm_head.weight", got[embed]), got[embed])
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name], got[name], atol=1e-5), name
+    # the 2-rank sharded checkpoint also loads into one process
+    one_process, _ = model_lib.load_model(sft_args[0].split("=", 1)[1])
+    common.load_checkpoint(os.path.join(str(tmp_path), "ckpt", f"step_{STEPS:06d}"), one_process)
+    for name, p in one_process.state_dict().items():
+        if name in expected:  # lm_head is tied to the embeddings and not saved
+            assert torch.allclose(p, expected[name], atol=1e-5), name
+
+
+def test_export_loads_and_gives_the_trained_logits(reference_run, sft_args, model_dir, suite_dir):
+    """The HF folder loads with from_pretrained (and load_model, processor included) and its logits equal those
+    of the trained weights in the final checkpoint; training moved the weights away from the start."""
+    trained, processor = model_lib.load_model(model_dir)
+    start = {k: v.clone() for k, v in trained.state_dict().items()}
+    common.load_checkpoint(os.path.join(reference_run, "ckpt", f"step_{STEPS:06d}"), trained)
+    exported = Qwen3VLForConditionalGeneration.from_pretrained(os.path.join(reference_run, "hf"))
+    reloaded, reloaded_processor = model_lib.load_model(os.path.join(reference_run, "hf"))
+    assert reloaded_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
+
+    rows = data.load_rows(str(suite_dir / "sft.json"))
+    batch = data.collate(rows, processor, TEST_MEDIA)
+    with torch.no_grad():
+        want = trained(**batch).logits  # [B, L, V]
+        assert torch.equal(exported(**batch).logits, want)
+        assert torch.equal(reloaded(**batch).logits, want)
+    language = "model.language_model.layers.0.mlp.up_proj.weight"
+    vision = "model.visual.blocks.0.attn.qkv.weight"
+    assert not torch.equal(trained.state_dict()[language], start[language])
+    assert torch.equal(trained.state_dict()[vision], start[vision])  # frozen by default (freeze_vision)
