@@ -185,10 +185,9 @@ def shard_model(model, mixed_precision):
     with images + videos beside a text-only rank.
     Only `forward` is called on the sharded model (rollout and training call model(**inputs)); any other method
     called on it from outside would need torch.distributed.fsdp.register_fsdp_forward_method.
-    Every rank must run the same number of forwards, since each gathers the layers. A rollout that decodes a
-    different number of steps per rank gathers once instead: for every FSDPModule m in model.modules():
-    m.set_reshard_after_forward(False, recurse=False); m.unshard(); then forwards issue no collectives; after it,
-    m.reshard() and restore reshard_after_forward (True for all layers but the last). Checked on 2 gloo ranks.
+    Every rank must run the same number of forwards, since each gathers the layers. The rollout's decode loop
+    runs the layers inside one unshard() of every FSDP module (rollout.gathered_params), so ranks may decode
+    different numbers of steps.
     """
     if _world_size() == 1:
         return model

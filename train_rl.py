@@ -170,7 +170,7 @@ def keep_group(group, cfg):
 def micro_batch_inputs(groups, processor, media_cfg, templates, cfg, device, cache=None):
     """Model inputs for a micro-batch of groups: prompts repeated n times, responses right-padded."""
     rows = [g["row"] for g in groups]
-    inputs = rollout.repeat_inputs(data.collate(rows, processor, media_cfg, templates, cache=cache), cfg.n)
+    inputs = data.collate(rows, processor, media_cfg, templates, cache=cache)  # the prompts once; token_logprobs repeats
     T = max(g["response_ids"].shape[1] for g in groups)
     pad = processor.tokenizer.pad_token_id
     response_ids = torch.full((len(groups) * cfg.n, T), pad, dtype=torch.long)  # [mn, T]
@@ -204,12 +204,12 @@ def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
     for i, mb in enumerate(micro_batches):
         common.set_grad_sync(model, i == len(micro_batches) - 1)
         with autocast(cfg, mb["inputs"]["input_ids"].device):
-            logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"])  # [mn, T]
+            logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"], cfg.n)  # [mn, T]
             loss, metrics = ema_grpo.ppo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], cfg.clip_low,
                                               cfg.clip_high, cfg.dual_clip, num_tokens=max(num_tokens, 1.0))
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = rollout.token_logprobs(ref_model, mb["inputs"], mb["ids"], mb["mask"])
+                    ref_logp = rollout.token_logprobs(ref_model, mb["inputs"], mb["ids"], mb["mask"], cfg.n)
                 kl = (ema_grpo.kl_penalty(logp, ref_logp, cfg.kl_kind) * mb["mask"]).sum() / max(num_tokens, 1.0)
                 loss = loss + cfg.kl_coef * kl
                 totals["kl"] += kl.item()
@@ -343,7 +343,9 @@ def main(argv):
     eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id})
     prompts_per_rank = cfg.prompts_per_step // world_size
 
-    logger = common.Logger(cfg.out_dir, cfg, cfg.wandb)
+    # stdout gets the headline numbers; metrics.jsonl and wandb get every key (per task, EMA, clip, ...)
+    logger = common.Logger(cfg.out_dir, cfg, cfg.wandb, stdout_keys=(
+        "reward/all/", "response_length", "filter_keep_rate", "loss", "grad_norm", "update_skipped", "sec/"))
     sigterm = common.install_sigterm_flag()
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
     step = 0
@@ -415,7 +417,7 @@ def main(argv):
             chunk = kept[start:start + cfg.micro_batch_prompts]
             inputs, ids, mask = micro_batch_inputs(chunk, processor, media_cfg, templates, cfg, device, cache)
             with torch.no_grad(), autocast(cfg, device):
-                old_logp = rollout.token_logprobs(model, inputs, ids, mask)  # [mn, T]
+                old_logp = rollout.token_logprobs(model, inputs, ids, mask, cfg.n)  # [mn, T]
             micro_batches.append({"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp,
                                   "adv": torch.cat([g["adv"] for g in chunk]).to(device).float()})  # adv [mn]
         timing["old_logp"] = time.perf_counter() - t0

@@ -102,7 +102,7 @@ def micro_batch(tiny_model, processor, rows, n=2, seed=0):
     cfg = train_rl.Config(n=n)
     inputs, ids, mask = train_rl.micro_batch_inputs(groups, processor, TEST_MEDIA, None, cfg, torch.device("cpu"))
     with torch.no_grad():
-        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask)  # [mn, T]
+        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, n)  # [mn, T]
     old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=gen)) * mask  # [mn, T]
     adv = torch.randn(len(rows) * n, generator=gen)  # [mn]
     return {"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
@@ -116,7 +116,7 @@ def test_ppo_step_skips_a_non_finite_update(model_dir, suite_dir):
     tiny_model, processor = model_lib.load_model(model_dir)
     rows = data.load_rows(str(suite_dir / "rl.json"))
     optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
-    cfg = train_rl.Config()
+    cfg = train_rl.Config(n=2)
     mb = micro_batch(tiny_model, processor, rows[:2])
     start = copy.deepcopy(tiny_model.state_dict())
     for bad in (float("nan"), float("inf")):
@@ -257,7 +257,7 @@ def _worker(model_dir, work_dir):
     micro_batches = torch.load(os.path.join(work_dir, "micro_batches.pt"))
     half = len(micro_batches) // world_size
     metrics = train_rl.ppo_step(tiny_model, optimizer, micro_batches[rank * half:(rank + 1) * half],
-                                train_rl.Config())
+                                train_rl.Config(n=2))
     common.export_hf(tiny_model, processor, os.path.join(work_dir, "hf"))
     advs, ema_state = ema_run(EMA_SCORES[rank], group_offset=100 * rank)
     with open(os.path.join(work_dir, f"rank{rank}.json"), "w") as f:
@@ -282,7 +282,7 @@ def test_torchrun_update_and_task_ema_match_one_process(model_dir, suite_dir, tm
     # one process, all four micro-batches, one optimizer step
     start = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     single = train_rl.ppo_step(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=1.0), micro_batches,
-                               train_rl.Config())
+                               train_rl.Config(n=2))
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # all-reduced: every rank logs the same numbers
     assert single["skipped"] == 0.0 and single["clip_frac"] > 0

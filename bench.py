@@ -1,0 +1,322 @@
+"""
+Benchmarks: side-by-side timings printed as ratios (correctness lives in tests/). The last line of each is a
+one-line key=value summary.
+
+    python bench.py rollout [--model=runs/tiny-model] [--new_tokens=96] [--rounds=3]
+    python bench.py rewards [--per_type=300] [--rounds=5] [--seed=0]
+"""
+import json
+import random
+import re
+import statistics
+import sys
+import time
+
+import math_verify
+import numpy as np
+import torch
+from mathruler.grader import grade_answer
+from rouge_score import rouge_scorer
+from transformers.video_utils import VideoMetadata
+
+import model as tiny_model
+import rewards
+import rollout
+
+
+def parse_args(argv, defaults, usage):
+    args = dict(defaults)
+    for arg in argv:
+        key, _, value = arg.lstrip("-").partition("=")
+        if key not in args or not value:
+            sys.exit(f"usage: {usage}; got {arg!r}")
+        args[key] = type(defaults[key])(value)
+    return args
+
+
+# -----------------------------------------------------------------------------
+# rollout: our generate (shared prefill, static cache, compacting decode) vs HF model.generate
+
+def rollout_prompts(processor, count, seed=0):
+    """`count` chat prompts cycling image / video / text-only, with questions of different lengths."""
+    rng = np.random.default_rng(seed)
+    questions = ["What colour is the circle?", "Give the bounding box of the red square.",
+                 "How many shapes are there? A. one B. two C. three D. four", "Describe the scene in one sentence."]
+    texts, images, videos, video_metadata = [], [], [], []
+    for i in range(count):
+        parts = [{"type": "text", "text": questions[i % len(questions)]}]
+        if i % 3 == 0:
+            parts.insert(0, {"type": "image"})
+            images.append((rng.random((128, 128, 3)) * 255).astype(np.uint8))
+        elif i % 3 == 1:
+            parts.insert(0, {"type": "video"})
+            videos.append((rng.random((4, 64, 64, 3)) * 255).astype(np.uint8))  # 4 frames at 2 fps
+            video_metadata.append(VideoMetadata(total_num_frames=4, fps=2.0, frames_indices=[0, 1, 2, 3], duration=2.0,
+                                                width=64, height=64))
+        texts.append(processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True,
+                                                   tokenize=False))
+    media = {}
+    if images:
+        media["images"] = images
+    if videos:
+        media.update(videos=videos, video_metadata=video_metadata, do_sample_frames=False)
+    return processor(text=texts, padding=True, return_tensors="pt", **media)
+
+
+def bench_rollout(argv):
+    args = parse_args(argv, dict(model=tiny_model.DEFAULT_MODEL_DIR, new_tokens=96, rounds=3),
+                      "python bench.py rollout [--model=DIR] [--new_tokens=N] [--rounds=N]")
+    model, processor = tiny_model.load_model(tiny_model.ensure_model(args["model"]))
+    model.eval()
+    banned = [model.config.image_token_id, model.config.video_token_id]
+    print(f"model {args['model']}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+          f"torch threads {torch.get_num_threads()}, sampling at temperature 1, EOS suppressed in both")
+
+    def ours(inputs, n, new_tokens):
+        rollout.generate(model, inputs, n=n, max_new_tokens=new_tokens, temperature=1.0,
+                         generator=torch.Generator().manual_seed(0), eos_token_ids=[])
+
+    def hf(inputs, n, new_tokens):
+        # num_return_sequences repeats the prompt rows (and their media) before the prefill, as HF does
+        model.generate(**inputs, do_sample=True, num_return_sequences=n, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, suppress_tokens=banned,
+                       pad_token_id=processor.tokenizer.pad_token_id)
+
+    summary = {}
+    for B, n in ((16, 4), (1, 1)):
+        inputs = rollout_prompts(processor, B)
+        N = args["new_tokens"]
+        times = {(name, k): [] for name in ("ours", "hf") for k in ("full", "prefill")}
+        with torch.no_grad():
+            ours(inputs, n, 4), hf(inputs, n, 4)  # warm-up
+            for r in range(args["rounds"]):
+                # alternate the order so neither side always runs on a warmer machine
+                for name in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
+                    fn = ours if name == "ours" else hf
+                    for k, new_tokens in (("full", N), ("prefill", 1)):
+                        t0 = time.perf_counter()
+                        fn(inputs, n, new_tokens)
+                        times[(name, k)].append(time.perf_counter() - t0)
+        med = {key: statistics.median(v) for key, v in times.items()}
+        tokens = B * n * N
+        tok_s = {name: tokens / med[(name, "full")] for name in ("ours", "hf")}
+        ratio = tok_s["ours"] / tok_s["hf"]
+        print(f"batch {B} prompts x {n} samples, prompt len {inputs['input_ids'].shape[1]}, {N} new tokens:")
+        for name in ("ours", "hf"):
+            prefill = med[(name, "prefill")]
+            decode = med[(name, "full")] - prefill
+            print(f"  {name:4s} {tok_s[name]:8.0f} tok/s  total {med[(name, 'full')]:.3f}s  prefill+1 {prefill:.3f}s  "
+                  f"decode {decode:.3f}s ({1000 * decode / (N - 1):.2f} ms/step)")
+        print(f"  ratio ours/hf {ratio:.2f}x")
+        tag = f"b{B}x{n}"
+        summary.update({f"{tag}_ratio": f"{ratio:.2f}", f"{tag}_ours_tok_s": f"{tok_s['ours']:.0f}",
+                        f"{tag}_hf_tok_s": f"{tok_s['hf']:.0f}"})
+    print(f"bench=rollout new_tokens={args['new_tokens']} " + " ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+# -----------------------------------------------------------------------------
+# rewards: our compute_score vs the released reward's per-item path, on a fixed mixed set of responses
+
+WORDS = ("a red circle blue square green triangle moves slowly quickly left right above below the small large "
+         "shape rotates appears disappears behind next to while then stops again near far corner centre").split()
+
+
+def _sentence(rng, lo, hi):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def _jitter(rng, values, scale):
+    return [round(v + rng.uniform(-scale, scale), 1) for v in values]
+
+
+def _box(rng):
+    x, y = rng.randint(0, 700), rng.randint(0, 700)
+    return [x, y, x + rng.randint(20, 300), y + rng.randint(20, 300)]
+
+
+def _points(rng):
+    return [[rng.randint(0, 1000), rng.randint(0, 1000)] for _ in range(3)]
+
+
+def reward_items(seed=0, per_type=300):
+    """A fixed mixed set: for every problem_type, `per_type` responses that are right, close, wrong, malformed,
+    untagged or have spaced tags, each after a reasoning paragraph. Returns (non_math_items, math_items)."""
+    rng = random.Random(seed)
+
+    def make(problem_type, data_type):
+        if problem_type == "multiple choice":
+            gt = rng.choice("ABCD")
+            other = rng.choice("ABCD")
+            return gt, rng.choice([gt, gt, other, f"({gt})", f"{other}. {_sentence(rng, 1, 3)}"])
+        if problem_type == "numerical":
+            gt = str(rng.randint(0, 50))
+            return gt, rng.choice([gt, str(rng.randint(0, 50)), f"{gt}.00", "about " + gt])
+        if problem_type == "regression":
+            gt = round(rng.uniform(1, 100), 1)
+            return str(gt), str(round(gt * rng.uniform(0.3, 1.7), 1))
+        if problem_type in ("OCR", "open-ended"):
+            gt = _sentence(rng, 3, 8) if problem_type == "OCR" else _sentence(rng, 8, 20)
+            words = gt.split()
+            return gt, " ".join(w if rng.random() < 0.7 else rng.choice(WORDS) for w in words)
+        if problem_type == "temporal grounding":
+            s = rng.uniform(0, 60)
+            gt = [round(s, 1), round(s + rng.uniform(1, 20), 1)]
+            return json.dumps({"time": gt}), json.dumps({"time": _jitter(rng, gt, 5)})
+        if problem_type == "spatial grounding":
+            gt = _box(rng)
+            return json.dumps({"boxes": gt}), json.dumps({"boxes": _jitter(rng, gt, 40)})
+        if problem_type in ("spatial-temporal grounding", "tracking"):
+            s = rng.randint(0, 10)
+            seconds = range(s, s + rng.randint(2, 8)) if problem_type != "tracking" else range(1, rng.randint(8, 33))
+            gt_boxes = {str(t): _box(rng) for t in seconds}
+            pred_boxes = {t: _jitter(rng, b, 40) for t, b in gt_boxes.items() if rng.random() < 0.8}
+            gt, pred = {"boxes": gt_boxes}, {"boxes": pred_boxes}
+            if problem_type != "tracking":
+                gt["time"], pred["time"] = [seconds[0], seconds[-1]], _jitter(rng, [seconds[0], seconds[-1]], 2)
+            return json.dumps(gt), json.dumps(pred)
+        if problem_type == "segmentation":
+            gt = {"boxes": _box(rng), "positive_points": _points(rng), "negative_points": _points(rng)}
+            pred = {"boxes": _jitter(rng, gt["boxes"], 40),
+                    "positive_points": [_jitter(rng, p, 60) for p in reversed(gt["positive_points"])],
+                    "negative_points": [_jitter(rng, p, 60) for p in gt["negative_points"]]}
+            if data_type == "video":
+                gt["time"], pred["time"] = rng.randint(0, 20), rng.randint(0, 20)
+            return json.dumps(gt), json.dumps(pred)
+        if problem_type == "math":
+            a, b = rng.randint(1, 12), rng.randint(2, 12)
+            gt = rng.choice([str(a * b), f"\\frac{{{a}}}{{{b}}}", f"{a}\\sqrt{{{b}}}"])
+            pred = rng.choice([gt, str(a * b + rng.randint(1, 5)), f"{a} / {b}", f"\\sqrt{{{a * a * b}}}",
+                               f"{a / b:.4f}", f"x = {a * b}"])
+            return gt, pred
+        raise ValueError(problem_type)
+
+    kinds = [(t, "video" if t in ("temporal grounding", "spatial-temporal grounding", "tracking") else "image")
+             for t in ("multiple choice", "numerical", "regression", "OCR", "open-ended", "temporal grounding",
+                       "spatial grounding", "spatial-temporal grounding", "tracking", "segmentation", "math")]
+    kinds.append(("segmentation", "video"))
+    non_math, math_items = [], []
+    for problem_type, data_type in kinds:
+        for _ in range(per_type):
+            gt, pred = make(problem_type, data_type)
+            think = _sentence(rng, 20, 80)
+            shape = rng.random()
+            if shape < 0.7:
+                response = f"<think>{think}</think>\n<answer>{pred}</answer>"
+            elif shape < 0.85:
+                response = f"< think >{think}< / think > < answer > {pred} </ answer >"
+            elif shape < 0.95:
+                response = f"{think} The answer is {pred}"
+            else:
+                response = f"<think>{think}</think><answer>{pred[:len(pred) // 2]}"
+            item = {"response": response, "ground_truth": f"<answer>{gt}</answer>" if rng.random() < 0.5 else gt,
+                    "problem_type": problem_type, "data_type": data_type}
+            (math_items if problem_type == "math" else non_math).append(item)
+    return non_math, math_items
+
+
+# The released reward's per-item path, re-created for timing. Its results equal rewards.score's (printed as
+# max_abs_diff); its costs are the release's: the backtracking tag and format regexes, a ROUGE scorer and Porter
+# stemmer built on every call, grade_answer and math-verify in process (no fast paths, no cache), torch float32
+# for the relative accuracy, and JSON answers parsed once for the structure bonus and again for accuracy.
+_RELEASE_TAG_SPACE = re.compile(r"\s*(<|>|/)\s*")
+_RELEASE_FORMAT = re.compile(r"\A\s*<think>.*?</think>\s*<answer>.*?</answer>\s*\Z", re.DOTALL)
+_RELEASE_ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+
+
+def _release_answer(text):
+    m = _RELEASE_ANSWER.search(text)
+    return m.group(1).strip() if m else None
+
+
+def _release_accuracy(answer, gt, problem_type, data_type):
+    try:
+        if problem_type == "multiple choice":
+            return float(grade_answer(answer.strip(), gt.strip()))
+        if problem_type == "regression":
+            p, g = rewards._to_float(answer), rewards._to_float(gt)
+            if p is None or g is None:
+                return 0.0
+            rel = torch.abs(torch.tensor(p) - torch.tensor(g)) / (torch.abs(torch.tensor(g)) + 1e-8)
+            return (rel < 1 - torch.arange(0.5, 0.95 + 0.025, 0.05)).float().mean().item()
+        if problem_type == "open-ended":
+            s = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(gt, answer)
+            return (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3.0
+        if problem_type == "math":
+            try:
+                return float(math_verify.verify(math_verify.parse(gt), math_verify.parse(answer)))
+            except Exception:
+                return float(grade_answer(answer, gt))
+        if problem_type in rewards.JSON_TYPES:
+            pred_obj, gt_obj = rewards.parse_json_answer(answer), rewards.parse_json_answer(gt)
+            return rewards.accuracy(answer, gt, problem_type, data_type, pred_obj, gt_obj)
+        return rewards.accuracy(answer, gt, problem_type, data_type)  # numerical, OCR: the same code as ours
+    except Exception:
+        return 0.0
+
+
+def release_path_score(item):
+    response = _RELEASE_TAG_SPACE.sub(r"\1", item["response"])
+    gt = _release_answer(item["ground_truth"]) or item["ground_truth"]
+    problem_type, data_type = item["problem_type"].lower(), item["data_type"].lower()
+    fmt = 1.0 if _RELEASE_FORMAT.fullmatch(response) else 0.0
+    tagged = _release_answer(response) or ""
+    structure = rewards.structure_bonus(problem_type, data_type, rewards.parse_json_answer(tagged),
+                                        rewards.parse_json_answer(gt))
+    acc = _release_accuracy(_release_answer(response) or response.strip(), gt, problem_type, data_type)
+    return 0.9 * acc + 0.1 * fmt + (structure if fmt else 0.0)
+
+
+def bench_rewards(argv):
+    args = parse_args(argv, dict(per_type=300, rounds=5, seed=0),
+                      "python bench.py rewards [--per_type=N] [--rounds=N] [--seed=N]")
+    non_math, math_items = reward_items(args["seed"], args["per_type"])
+    rewards.symbolic_equal("math", "1", "2")  # start the symbolic worker outside the timings
+
+    def ours(items):
+        rewards._stem.cache_clear()  # every timed pass starts cold: the caches help only within a pass
+        rewards.symbolic_equal.cache_clear()
+        return [r["overall"] for r in rewards.compute_score(items)]
+
+    def release(items):
+        return [release_path_score(item) for item in items]
+
+    sides = {"ours": ours, "release": release}
+
+    summary = {}
+    for name, items in (("non_math", non_math), ("math", math_items)):
+        by_type = {}
+        for item in items:
+            by_type.setdefault((item["problem_type"], item["data_type"]), []).append(item)
+        totals, max_diff = {"ours": 0.0, "release": 0.0}, 0.0
+        # the fastest of several passes per type: on a shared machine the slower ones measure other processes
+        print(f"{name}: {len(items)} items, best of {args['rounds']} passes per type, items/s")
+        print(f"  {'type':34s} {'ours':>9s} {'release':>9s} {'ratio':>7s}")
+        for (problem_type, data_type), subset in by_type.items():
+            times, scores = {"ours": [], "release": []}, {}
+            for r in range(args["rounds"]):
+                for side in (("ours", "release") if r % 2 == 0 else ("release", "ours")):
+                    t0 = time.perf_counter()
+                    scores[side] = sides[side](subset)
+                    times[side].append(time.perf_counter() - t0)
+            max_diff = max([max_diff] + [abs(a - b) for a, b in zip(scores["ours"], scores["release"])])
+            best = {side: min(v) for side, v in times.items()}
+            for side in totals:
+                totals[side] += best[side]
+            print(f"  {problem_type + ' / ' + data_type:34s} {len(subset) / best['ours']:9.0f} "
+                  f"{len(subset) / best['release']:9.0f} {best['release'] / best['ours']:6.1f}x")
+        rate = {side: len(items) / totals[side] for side in totals}
+        print(f"  {'all ' + name:34s} {rate['ours']:9.0f} {rate['release']:9.0f} "
+              f"{rate['ours'] / rate['release']:6.1f}x   max |ours - release| overall {max_diff:.1e}")
+        summary.update({f"{name}_items_s": f"{rate['ours']:.0f}",
+                        f"{name}_release_items_s": f"{rate['release']:.0f}",
+                        f"{name}_ratio": f"{rate['ours'] / rate['release']:.1f}",
+                        f"{name}_max_diff": f"{max_diff:.1e}"})
+    print("bench=rewards " + " ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+BENCHES = {"rollout": bench_rollout, "rewards": bench_rewards}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:
+        sys.exit(f"usage: python bench.py {{{'|'.join(BENCHES)}}} [--key=value ...]")
+    BENCHES[sys.argv[1]](sys.argv[2:])

@@ -1,0 +1,325 @@
+"""
+Rollout: batched generation for image, video and text prompts with a KV cache, plus teacher-forced log-probs.
+
+    out = generate(model, inputs, n=8, max_new_tokens=256, temperature=1.0, generator=g, eos_token_ids=[im_end])
+    logp = token_logprobs(model, inputs, out["response_ids"], out["response_mask"], n=8)
+
+How a rollout runs (one screen each below):
+1. prefill: the left-padded prompt batch goes once through the HF forward (vision tower, deepstack, 3D rope
+   positions computed here once); its KV cache is copied n times into a preallocated static cache.
+2. decode: one token per step through our own decode step, which calls the model's own layers (norms,
+   projections, MLP, rotary) on the cached keys/values. Rows that stop are dropped from the batch and the cache,
+   so a finished row costs nothing. Equivalence with `model.generate` is tested in tests/test_rollout.py.
+3. sampling: `sample` is a pure function of logits and a torch.Generator (temperature, top-k, top-p, or greedy
+   at temperature 0).
+
+Log-probs are of the sampled tokens under the raw (temperature 1, unfiltered) distribution: that is what the
+PPO ratio uses (train_rl.py recomputes them with `token_logprobs`), and with the released recipe's temperature
+1.0 and no top-p/top-k it is also the sampling distribution.
+
+Under FSDP2 the prefill is an ordinary sharded forward and the decode loop runs with every parameter gathered
+once (`gathered_params`): no collective per token. The same code runs in one process without FSDP.
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
+
+MEDIA = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))  # mm_token_type 1, 2
+
+
+# -----------------------------------------------------------------------------
+# positions: Qwen3-VL's multimodal rope (t, h, w) for the prompt, plain text positions after it
+
+def prompt_positions(model, inputs):
+    """position_ids [4, B, P] as the HF forward takes them (text row, then t/h/w rows), and next_pos [3, B].
+
+    Padding gets position 0. The response continues from the last prompt token's position + 1 on each axis (HF
+    generate does the same); a chat prompt ends in text, where t = h = w = max position, as Qwen3-VL's
+    rope_deltas assume. Passing these explicitly means the model's cached `rope_deltas` never matter.
+    """
+    mask = inputs["attention_mask"]
+    text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, P]
+    if any(inputs.get(grid) is not None for _, grid in MEDIA):
+        if inputs.get("mm_token_type_ids") is None:
+            raise ValueError("rollout: inputs carry images/videos but no mm_token_type_ids (the processor returns "
+                             "it; Qwen3-VL's 3D rope positions need it)")
+        rope_pos, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=inputs.get("video_grid_thw"), attention_mask=mask)  # [3, B, P]
+    else:
+        rope_pos = text_pos.expand(3, -1, -1)  # [3, B, P]
+    position_ids = torch.cat([text_pos[None], rope_pos], 0)  # [4, B, P]
+    next_pos = rope_pos[:, :, -1] + 1  # [3, B]; left padding puts the last real token in the last column
+    return position_ids, next_pos
+
+
+def check_prompts(model, inputs, max_new_tokens):
+    """Clear errors for what would otherwise generate silently wrong: empty, right-padded or too-long prompts."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if ids.ndim != 2 or ids.shape[0] == 0 or ids.shape != mask.shape:
+        raise ValueError(f"rollout: input_ids {tuple(ids.shape)} and attention_mask {tuple(mask.shape)} must be "
+                         f"the same [B, P] with B >= 1")
+    lengths = mask.sum(1).tolist()
+    context = model.config.text_config.max_position_embeddings
+    for row, length in enumerate(lengths):
+        if length == 0:
+            raise ValueError(f"rollout: row {row} has an empty prompt (attention_mask all 0)")
+        if mask[row, -1] == 0 or mask[row, -length:].sum() != length:
+            raise ValueError(f"rollout: row {row} is not left-padded (attention_mask {mask[row].tolist()[:8]}...); "
+                             f"build generation batches with padding_side='left'")
+        if length + max_new_tokens > context:
+            raise ValueError(f"rollout: row {row}: prompt of {length} tokens + max_new_tokens {max_new_tokens} "
+                             f"exceeds the model context max_position_embeddings={context}")
+
+
+# -----------------------------------------------------------------------------
+# sampling
+
+def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
+    """Next tokens [A] from logits [A, V]. temperature 0 is greedy (argmax, no randomness).
+
+    Inverse-CDF sampling: exactly one uniform per row, drawn in row order from `generator`. So a step consumes
+    the generator identically whatever the logits are, and two runs with the same rows and seed draw the same
+    tokens, however their prompts were prefilled. top-k, then top-p on the renormalised top-k mass.
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, -1)  # [A, V]
+    order = None
+    if top_k > 0 or top_p < 1.0:  # sort only when filtering: a sort costs more than the rest of this on CPU
+        probs, order = probs.sort(-1, descending=True)  # [A, V]
+        if top_k > 0:
+            probs[:, top_k:] = 0
+        if top_p < 1.0:
+            mass_before = (probs.cumsum(-1) - probs) / probs.sum(-1, keepdim=True)  # [A, V]
+            probs = probs.masked_fill(mass_before >= top_p, 0)  # the smallest prefix holding top_p of the mass
+    cdf = probs.cumsum(-1)  # [A, V]
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # [A, 1]
+    index = torch.searchsorted(cdf, u, right=True)  # [A, 1] first token whose cdf exceeds u: never a 0-prob one
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [A, 1] in case u rounded up
+    index = torch.minimum(index, last)
+    return (index if order is None else order.gather(-1, index)).squeeze(-1)  # [A]
+
+
+def no_media_tokens(model, logits):
+    """Logits [..., V] with the image/video placeholder tokens at -inf.
+
+    A response holding <|image_pad|> or <|video_pad|> cannot be fed back: the forward counts every such token as
+    a media slot and fails on the update pass. A trained model never samples them, a random one does; the policy
+    is defined over the other tokens, here and in token_logprobs alike (HF generate: suppress_tokens).
+    """
+    banned = [model.config.image_token_id, model.config.video_token_id]
+    return logits.index_fill(-1, torch.tensor(banned, device=logits.device), float("-inf"))
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: one all-gather per rollout phase
+
+@contextlib.contextmanager
+def gathered_params(model):
+    """Unshard every FSDP2 module once, reshard on exit; a no-op without FSDP.
+
+    The decode loop runs inside this: its steps call the layers' submodules directly, so no FSDP hook fires and
+    no collective runs per token (ranks may even decode different numbers of steps). Without it FSDP2 would
+    all-gather every block for every generated token. The prefill before it is an ordinary FSDP forward.
+    Memory while gathered, Qwen3-VL-8B (8.8B params) on 8 x 80 GB GPUs: the full bf16 weights, 17.5 GB per GPU
+    (2.2 GB sharded), next to the sharded training state (fp32 params 4.4 GB + AdamW moments 8.8 GB; grads are
+    freed before a rollout) and the KV cache: 36 layers x 8 KV heads x 128 dims x 2 (K, V) x 2 bytes = 147 KB
+    per token and row, prompt included (it is copied to each of the n samples); 32 rows x 4k tokens = 19 GB.
+    About 50 GB in all: size rollout micro-batches (rows x (prompt + max_new_tokens)) for the cache.
+    """
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for module in fsdp_modules:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in fsdp_modules:
+            module.reshard()
+
+
+# -----------------------------------------------------------------------------
+# decode step: one token per row against the static cache
+
+def rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def decode_step(model, tokens, next_pos, kv, slot, key_mask):
+    """Logits [A, V] for one new token per row. tokens [A], next_pos [3, A] its rope position, kv the static
+    cache [layers, 2, A, kv_heads, S, head_dim] (this token's K/V written at `slot`), key_mask [A, S] bool.
+
+    The same layers as the HF forward, called part by part: skips the mask building, output capturing and
+    cache bookkeeping that dominate a one-token forward on small batches. Deepstack adds vision features at
+    vision positions only, so decode (text tokens) has none.
+    """
+    lm = model.model.language_model
+    h = lm.embed_tokens(tokens)[:, None]  # [A, 1, H]
+    cos, sin = lm.rotary_emb(h, next_pos[:, :, None])  # [A, 1, D] each
+    cos, sin = cos[:, None], sin[:, None]  # [A, 1, 1, D] broadcast over heads
+    mask = key_mask[:, None, None, :slot + 1]  # [A, 1, 1, slot+1]
+    for i, layer in enumerate(lm.layers):
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)  # [A, 1, H]
+        q = attn.q_norm(attn.q_proj(x).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)  # [A, Hq, 1, D]
+        k = attn.k_norm(attn.k_proj(x).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)  # [A, Hkv, 1, D]
+        v = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [A, Hkv, 1, D]
+        kv[i, 0, :, :, slot] = rotate(k, cos, sin)[:, :, 0]
+        kv[i, 1, :, :, slot] = v[:, :, 0]
+        y = F.scaled_dot_product_attention(rotate(q, cos, sin), kv[i, 0, :, :, :slot + 1], kv[i, 1, :, :, :slot + 1],
+                                           attn_mask=mask, scale=attn.scaling, enable_gqa=True)  # [A, Hq, 1, D]
+        h = h + attn.o_proj(y.transpose(1, 2).flatten(2))  # [A, 1, H]
+        h = h + layer.mlp(layer.post_attention_layernorm(h))  # [A, 1, H]
+    return model.lm_head(lm.norm(h))[:, 0].float()  # [A, V]
+
+
+# -----------------------------------------------------------------------------
+# generate
+
+@torch.no_grad()
+def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, generator=None,
+             eos_token_ids):
+    """n samples for each of the B left-padded prompts in `inputs` (the HF forward's dict of tensors).
+
+    Returns prompt_ids [B, P], prompt_mask [B, P], response_ids [B*n, T] (T = longest response; padded with
+    eos_token_ids[0] after a row's end), logprobs [B*n, T] (raw log-probs of the sampled tokens, 0 on padding),
+    response_mask [B*n, T] (1 up to and including the stop token) and finish_reasons, "stop" (an EOS id was
+    sampled) or "length". Row i*n+j is sample j of prompt i. An empty eos_token_ids never stops early.
+    `generator` (a torch.Generator on the model's device, or None for the global RNG) is used only by `sample`.
+    With the same seed, generate(inputs, n=k) == generate(repeat_inputs(inputs, k), n=1) (see `sample`).
+    """
+    if n < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"rollout: bad sampling arguments n={n} max_new_tokens={max_new_tokens} "
+                         f"temperature={temperature} top_p={top_p} top_k={top_k}")
+    check_prompts(model, inputs, max_new_tokens)
+    prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
+    B, P = prompt_ids.shape
+    device = prompt_ids.device
+    pad_id = eos_token_ids[0] if len(eos_token_ids) else 0
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    response_ids = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [Bn, T]
+    logprobs = torch.zeros(B * n, max_new_tokens, device=device)  # [Bn, T]
+    lengths = torch.full((B * n,), max_new_tokens, dtype=torch.long, device=device)  # [Bn]
+    finish_reasons = ["length"] * (B * n)
+    if max_new_tokens == 0:
+        return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, logprobs=logprobs,
+                    response_mask=response_ids.clone().zero_(), finish_reasons=finish_reasons)
+
+    # --- prefill: once per prompt, then its cache rows are copied to the n samples
+    position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
+    out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    logits = no_media_tokens(model, out.logits[:, -1].float()).repeat_interleave(n, 0)  # [Bn, V]
+    layers = out.past_key_values.layers
+    k0 = layers[0].keys  # [B, Hkv, P, D]
+    kv = k0.new_empty(len(layers), 2, B * n, k0.shape[1], P + max_new_tokens, k0.shape[3])  # [L, 2, Bn, Hkv, S, D]
+    for i, layer in enumerate(layers):
+        kv[i, 0, :, :, :P] = layer.keys.repeat_interleave(n, 0)
+        kv[i, 1, :, :, :P] = layer.values.repeat_interleave(n, 0)
+    del out, layers
+    key_mask = torch.ones(B * n, P + max_new_tokens, dtype=torch.bool, device=device)  # [Bn, S]
+    key_mask[:, :P] = prompt_mask.bool().repeat_interleave(n, 0)
+    # padded slots are never attended, but zero them so no stray NaN/inf there can leak in as 0 * x
+    kv[:, :, :, :, :P].masked_fill_(~key_mask[None, None, :, None, :P, None], 0)
+    next_pos = next_pos.repeat_interleave(n, 1)  # [3, Bn]
+    rows = torch.arange(B * n, device=device)  # [A] output row of each active row
+
+    # --- decode: sample, record, drop finished rows, one step for the rest
+    # inference_mode (~6% faster than no_grad here) only inside: the returned tensors were allocated outside it,
+    # so they stay ordinary tensors that autograd can save (token_logprobs gathers with response_ids)
+    with gathered_params(model), torch.inference_mode():
+        for t in range(max_new_tokens):
+            tokens = sample(logits, temperature, top_p, top_k, generator)  # [A]
+            response_ids[rows, t] = tokens
+            logprobs[rows, t] = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
+            stopped = torch.isin(tokens, eos)  # [A]
+            if stopped.any():
+                lengths[rows[stopped]] = t + 1
+                for row in rows[stopped].tolist():
+                    finish_reasons[row] = "stop"
+                keep = ~stopped
+                rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[:, keep]
+                kv, key_mask = kv[:, :, keep], key_mask[keep]
+            if t + 1 == max_new_tokens or len(rows) == 0:
+                break
+            logits = no_media_tokens(model, decode_step(model, tokens, next_pos + t, kv, P + t, key_mask))  # [A, V]
+
+    T = int(lengths.max())
+    response_mask = torch.arange(T, device=device)[None] < lengths[:, None]  # [Bn, T]
+    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids[:, :T],
+                logprobs=logprobs[:, :T], response_mask=response_mask.long(), finish_reasons=finish_reasons)
+
+
+# -----------------------------------------------------------------------------
+# teacher-forced log-probs for the update pass
+
+def media_per_row(mm_token_type_ids, modality, grid_thw):
+    """Which images (modality 1) or videos (2) of the batch belong to each row: [[item indices of row 0], ...].
+
+    Items are in row order; each takes prod(grid) / merge^2 placeholder tokens, and merge^2 is the batch's
+    patch count over its placeholder count, so no config is needed.
+    """
+    tokens_per_row = (mm_token_type_ids == modality).sum(1).tolist()
+    patches = grid_thw.prod(-1)  # [items]
+    merge2 = int(patches.sum()) // max(sum(tokens_per_row), 1)
+    tokens_per_item = (patches // max(merge2, 1)).tolist()
+    items, next_item = [], 0
+    for row, count in enumerate(tokens_per_row):
+        mine = []
+        while count > 0 and next_item < len(tokens_per_item):
+            count -= tokens_per_item[next_item]
+            mine.append(next_item)
+            next_item += 1
+        if count != 0:
+            raise ValueError(f"rollout: row {row}: its media tokens do not match the grids {grid_thw.tolist()}")
+        items.append(mine)
+    if next_item != len(tokens_per_item):
+        raise ValueError(f"rollout: {len(tokens_per_item) - next_item} grids in {grid_thw.tolist()} have no tokens")
+    return items
+
+
+def repeat_inputs(inputs, n):
+    """The inputs for B*n rows, row i*n+j = prompt i: token tensors and each row's images/videos repeated."""
+    out = {k: v.repeat_interleave(n, 0) for k, v in inputs.items() if v is not None and k not in
+           ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
+    for modality, (pixels_key, grid_key) in enumerate(MEDIA, start=1):
+        grid = inputs.get(grid_key)
+        if grid is None:
+            continue
+        pixels = inputs[pixels_key].split(grid.prod(-1).tolist())  # one [patches, C*t*p*p] block per item
+        order = [item for row in media_per_row(inputs["mm_token_type_ids"], modality, grid)
+                 for _ in range(n) for item in row]
+        out[pixels_key] = torch.cat([pixels[i] for i in order])  # [patches of B*n rows, C*t*p*p]
+        out[grid_key] = grid[order]  # [items of B*n rows, 3]
+    return out
+
+
+def token_logprobs(model, inputs, response_ids, response_mask, n=1):
+    """Teacher-forced log-probs [B*n, T] of response_ids after their prompts (0 where response_mask is 0).
+
+    inputs: the B prompts as generate takes them; row i*n+j of response_ids answers prompt i. Differentiable.
+    One forward over prompt + response with the same positions as generate; logits are computed for the
+    response positions only (logits_to_keep), not the prompt. Memory: [B*n, T, vocab] fp32 logits.
+    The vision tower runs on all B*n rows (repeat_inputs), n times per prompt: running it once per prompt needs
+    calls outside the one forward (get_image_features), and under FSDP2 ranks with different media mixes then
+    run different numbers of root forwards and hang in backward. For an 8B model the vision tower is ~0.6B
+    parameters, so this costs a fraction of the LLM's work on the same B*n rows.
+    """
+    T = response_ids.shape[1]
+    position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
+    prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
+    steps = torch.arange(T, device=response_ids.device)  # [T]
+    response_pos = torch.cat([(prompt_mask.sum(1, keepdim=True) + steps)[None],
+                              next_pos.repeat_interleave(n, 1)[:, :, None] + steps])  # [4, Bn, T]
+    full = repeat_inputs(inputs, n)
+    full["input_ids"] = torch.cat([full["input_ids"], response_ids], 1)  # [Bn, P+T]
+    full["attention_mask"] = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [Bn, P+T]
+    if full.get("mm_token_type_ids") is not None:  # responses are text (type 0)
+        full["mm_token_type_ids"] = F.pad(full["mm_token_type_ids"], (0, T))
+    position_ids = torch.cat([position_ids.repeat_interleave(n, 1), response_pos], 2)  # [4, Bn, P+T]
+    out = model(**full, position_ids=position_ids, logits_to_keep=T + 1)
+    logits = no_media_tokens(model, out.logits[:, :-1].float())  # [Bn, T, V]; position P-1+t predicts token t
+    logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn, T]
+    return logp * response_mask

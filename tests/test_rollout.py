@@ -1,0 +1,260 @@
+"""rollout.py: greedy equals HF generate token for token, log-probs equal a teacher-forced pass, EOS and
+compaction, shared-prefill n-sampling equals sampling repeated prompts, the sampler, bad inputs, and FSDP2 on
+2 gloo ranks (sharded greedy == unsharded, no collective per decoded token)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TEST_MEDIA
+
+import data
+import model
+import rollout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_NEW = 16
+
+
+def peaked_model(model_dir):
+    """The tiny model with its text weights re-drawn at std 0.3. At the default init (0.02) a random model
+    predicts the same token at every step, which would make token-for-token comparisons vacuous."""
+    tiny_model, processor = model.load_model(model_dir)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tiny_model.model.language_model.parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return tiny_model.eval(), processor
+
+
+@pytest.fixture(scope="module")
+def peaked(model_dir):
+    return peaked_model(model_dir)
+
+
+def mixed_batch(suite_dir, processor, which=(0, 2, 3)):
+    """rl.json rows 0 (image), 2 (video), 3 (text only): three prompt lengths, left-padded."""
+    rows = data.load_rows(str(suite_dir / "rl.json"))
+    return data.collate([rows[i] for i in which], processor, TEST_MEDIA)
+
+
+def hf_greedy(tiny_model, inputs, eos_token_ids, max_new_tokens=N_NEW):
+    banned = [tiny_model.config.image_token_id, tiny_model.config.video_token_id]  # as rollout.no_media_tokens
+    out = tiny_model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_ids,
+                              pad_token_id=eos_token_ids[0], suppress_tokens=banned)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def im_end(processor):
+    return processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+# -----------------------------------------------------------------------------
+# exact: HF generate and a teacher-forced forward
+
+
+def test_greedy_matches_hf_generate_mixed_batch(peaked, suite_dir):
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    lengths = inputs["attention_mask"].sum(1).tolist()
+    assert len(set(lengths)) == 3 and "pixel_values" in inputs and "pixel_values_videos" in inputs
+    out = rollout.generate(tiny_model, inputs, max_new_tokens=N_NEW, temperature=0, eos_token_ids=[im_end(processor)])
+    reference = hf_greedy(tiny_model, inputs, [im_end(processor)])
+    assert torch.equal(out["response_ids"], reference)
+    assert all(len(set(row.tolist())) > 3 for row in reference)  # the comparison is not vacuous
+    assert torch.equal(out["prompt_ids"], inputs["input_ids"]) and torch.equal(out["prompt_mask"], inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("which", [(2,), (3,)])
+def test_greedy_matches_hf_generate_batch_1(peaked, suite_dir, which):
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor, which)
+    out = rollout.generate(tiny_model, inputs, max_new_tokens=N_NEW, temperature=0, eos_token_ids=[im_end(processor)])
+    assert torch.equal(out["response_ids"], hf_greedy(tiny_model, inputs, [im_end(processor)]))
+
+
+def test_logprobs_equal_teacher_forced_forward(peaked, suite_dir):
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    out = rollout.generate(tiny_model, inputs, n=2, max_new_tokens=N_NEW, temperature=1.0,
+                           generator=torch.Generator().manual_seed(0), eos_token_ids=[im_end(processor)])
+    forced = rollout.token_logprobs(tiny_model, inputs, out["response_ids"], out["response_mask"], n=2)
+    assert forced.shape == out["logprobs"].shape == (6, N_NEW)
+    assert torch.allclose(forced, out["logprobs"], atol=1e-4, rtol=0)
+    assert (out["logprobs"][out["response_mask"] == 1] < 0).all()
+    # n shared by the prompt's rows == the prompts repeated, n = 1
+    repeated = rollout.token_logprobs(tiny_model, rollout.repeat_inputs(inputs, 2), out["response_ids"],
+                                      out["response_mask"])
+    assert torch.allclose(forced, repeated, atol=1e-5, rtol=0)
+    forced.sum().backward()  # differentiable, into the vision tower too: the update pass uses it
+    assert tiny_model.lm_head.weight.grad is not None
+    assert tiny_model.model.visual.patch_embed.proj.weight.grad.abs().sum() > 0
+    tiny_model.zero_grad(set_to_none=True)
+
+
+def test_repeat_inputs_equals_collating_repeated_rows(tiny, suite_dir):
+    _, processor = tiny
+    rows = data.load_rows(str(suite_dir / "rl.json"))
+    which = (0, 2, 3, 1)  # image, video, text, image
+    repeated = rollout.repeat_inputs(data.collate([rows[i] for i in which], processor, TEST_MEDIA), 2)
+    expected = data.collate([rows[i] for i in which for _ in range(2)], processor, TEST_MEDIA)
+    assert repeated.keys() == expected.keys()
+    assert all(torch.equal(repeated[k], expected[k]) for k in expected)
+
+
+# -----------------------------------------------------------------------------
+# EOS, compaction, n samples
+
+
+def test_eos_stops_each_row_and_later_rows_continue_unchanged(peaked, suite_dir):
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    free = rollout.generate(tiny_model, inputs, max_new_tokens=N_NEW, temperature=0, eos_token_ids=[])["response_ids"]
+    assert free.shape == (3, N_NEW)
+    # two stop ids taken from the free run, so rows stop at different steps (or never)
+    stop_ids = [free[0, 2].item(), free[1, 5].item()]
+    out = rollout.generate(tiny_model, inputs, max_new_tokens=N_NEW, temperature=0, eos_token_ids=stop_ids)
+    lengths, reasons = [], []
+    for row in free.tolist():
+        hits = [t for t, token in enumerate(row) if token in stop_ids]
+        lengths.append(hits[0] + 1 if hits else N_NEW)
+        reasons.append("stop" if hits else "length")
+    assert min(lengths) < max(lengths)
+    assert out["response_mask"].sum(1).tolist() == lengths and out["finish_reasons"] == reasons
+    assert out["response_ids"].shape == (3, max(lengths))
+    for i, length in enumerate(lengths):
+        assert torch.equal(out["response_ids"][i, :length], free[i, :length])  # compaction kept the others exact
+        assert (out["response_ids"][i, length:] == stop_ids[0]).all()  # padded with the first EOS id
+        assert (out["logprobs"][i, length:] == 0).all()
+    reference = hf_greedy(tiny_model, inputs, stop_ids)
+    assert torch.equal(reference[out["response_mask"] == 1], out["response_ids"][out["response_mask"] == 1])
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 20)])
+def test_shared_prefill_equals_sampling_repeated_prompts(peaked, suite_dir, temperature, top_p, top_k):
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    stop = [im_end(processor), processor.tokenizer.convert_tokens_to_ids("</answer>")]
+    kwargs = dict(max_new_tokens=N_NEW, temperature=temperature, top_p=top_p, top_k=top_k, eos_token_ids=stop)
+    shared = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator().manual_seed(7), **kwargs)
+    repeated = rollout.generate(tiny_model, rollout.repeat_inputs(inputs, 3), n=1,
+                                generator=torch.Generator().manual_seed(7), **kwargs)
+    assert torch.equal(shared["response_ids"], repeated["response_ids"])
+    assert torch.allclose(shared["logprobs"], repeated["logprobs"], atol=1e-5)
+    assert shared["finish_reasons"] == repeated["finish_reasons"]
+    samples = shared["response_ids"].view(3, 3, -1)  # [prompt, sample, T]
+    assert all(not torch.equal(samples[i, 0], samples[i, 1]) for i in range(3))  # the n samples differ
+
+
+# -----------------------------------------------------------------------------
+# the sampler
+
+
+def test_sample_distribution_and_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).expand(20000, -1)  # token 3 has probability 0
+    tokens = rollout.sample(logits, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4) / len(tokens)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015) and freq[3] == 0
+    top2 = torch.bincount(rollout.sample(logits, top_k=2, generator=torch.Generator().manual_seed(0)), minlength=4)
+    assert top2[2:].sum() == 0 and abs(top2[0] / top2.sum() - 0.625) < 0.015  # 0.5 / (0.5 + 0.3)
+    # top_p 0.6: the smallest prefix holding 60% of the mass is {0, 1}
+    top_p = torch.bincount(rollout.sample(logits, top_p=0.6, generator=torch.Generator().manual_seed(0)), minlength=4)
+    assert top_p[2:].sum() == 0
+    assert torch.equal(rollout.sample(logits[:3], temperature=0), torch.zeros(3, dtype=torch.long))
+    assert (rollout.sample(logits, top_p=0.1, generator=torch.Generator().manual_seed(0)) == 0).all()
+
+
+def test_sample_draws_one_uniform_per_row():
+    gen, expected = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    rollout.sample(torch.randn(5, 11), temperature=0.8, top_p=0.9, top_k=4, generator=gen)
+    torch.rand(5, 1, generator=expected)
+    assert torch.equal(gen.get_state(), expected.get_state())
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_inputs_give_clear_errors(tiny, suite_dir):
+    tiny_model, processor = tiny
+    inputs = mixed_batch(suite_dir, processor)
+    eos = [im_end(processor)]
+    context = tiny_model.config.text_config.max_position_embeddings
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        rollout.generate(tiny_model, inputs, max_new_tokens=context, eos_token_ids=eos)
+    empty = {**inputs, "attention_mask": inputs["attention_mask"].clone()}
+    empty["attention_mask"][2] = 0
+    with pytest.raises(ValueError, match="row 2 has an empty prompt"):
+        rollout.generate(tiny_model, empty, max_new_tokens=4, eos_token_ids=eos)
+    right_padded = {**inputs, "attention_mask": inputs["attention_mask"].flip(1)}
+    with pytest.raises(ValueError, match="not left-padded"):
+        rollout.generate(tiny_model, right_padded, max_new_tokens=4, eos_token_ids=eos)
+    no_types = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        rollout.generate(tiny_model, no_types, max_new_tokens=4, eos_token_ids=eos)
+    with pytest.raises(ValueError, match="bad sampling arguments"):
+        rollout.generate(tiny_model, inputs, max_new_tokens=4, top_p=0, eos_token_ids=eos)
+
+
+def test_zero_new_tokens_and_text_only_batch(peaked, suite_dir):
+    tiny_model, processor = peaked
+    eos = [im_end(processor)]
+    none = rollout.generate(tiny_model, mixed_batch(suite_dir, processor), n=2, max_new_tokens=0, eos_token_ids=eos)
+    assert none["response_ids"].shape == none["logprobs"].shape == none["response_mask"].shape == (6, 0)
+    assert none["finish_reasons"] == ["length"] * 6
+    # no media at all: plain positions from the attention mask, still left padding aware
+    text_only = data.collate([data.normalise_row({"problem": q, "answer": "1", "problem_type": "numerical"}, i,
+                                                 "inline", None) for i, q in enumerate(["What is 1 + 1?", "Say a number."])],
+                             processor, TEST_MEDIA)
+    assert "pixel_values" not in text_only and text_only["attention_mask"].min() == 0
+    out = rollout.generate(tiny_model, text_only, max_new_tokens=N_NEW, temperature=0, eos_token_ids=eos)
+    assert torch.equal(out["response_ids"], hf_greedy(tiny_model, text_only, eos))
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 on 2 gloo ranks: the same greedy tokens as unsharded, and no collective per decoded token
+
+
+def _worker(model_dir, suite_dir, out_dir):
+    import common
+    from torch.distributed.tensor import DTensor
+    rank, _, _, _ = common.init_distributed()
+    tiny_model, processor = peaked_model(model_dir)
+    inputs = mixed_batch(pathlib.Path(suite_dir), processor, (0, 2, 3) if rank == 0 else (3, 2))
+    eos = [im_end(processor)]
+    new_tokens = 8 + 8 * rank  # ranks decode different numbers of steps: a collective per token would hang
+    with torch.no_grad():
+        plain = rollout.generate(tiny_model, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=eos)
+        plain_logp = rollout.token_logprobs(tiny_model, inputs, plain["response_ids"].repeat_interleave(2, 0),
+                                            plain["response_mask"].repeat_interleave(2, 0), n=2)
+        sharded = common.shard_model(tiny_model, mixed_precision=False)
+        out = rollout.generate(sharded, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=eos)
+        resharded = all(isinstance(p, DTensor) for p in sharded.parameters())  # the gathered weights are freed
+        logp = rollout.token_logprobs(sharded, inputs, out["response_ids"].repeat_interleave(2, 0),
+                                      out["response_mask"].repeat_interleave(2, 0), n=2)
+    result = {"same_tokens": torch.equal(out["response_ids"], plain["response_ids"]),
+              "logprob_diff": (logp - plain_logp).abs().max().item(), "length": out["response_ids"].shape[1],
+              "resharded": resharded}
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    common.cleanup()
+
+
+def test_fsdp_two_ranks_greedy_equals_unsharded(model_dir, suite_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.abspath(__file__), model_dir, str(suite_dir), str(tmp_path)]
+    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")},
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert got["same_tokens"] and got["resharded"] and got["length"] == 8 + 8 * rank, got
+        assert got["logprob_diff"] < 1e-4, got
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
