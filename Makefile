@@ -10,7 +10,10 @@ PY := .venv/bin/python
 
 venv: .venv/installed
 
+demo: venv
+	$(PY) demo.py
+
 test: venv
 	$(PY) -m pytest tests -q
 
-.PHONY: venv test
+.PHONY: venv demo test
