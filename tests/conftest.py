@@ -2,6 +2,8 @@
 once per session. Independent of shapes.py on purpose: these fixtures test data.py and model.py alone."""
 import json
 import os
+import signal
+import subprocess
 import sys
 
 import av
@@ -97,3 +99,32 @@ def tiny(model_dir):
     """(model, processor) loaded once; tests must not modify the model."""
     tiny_model, processor = model.load_model(model_dir)
     return tiny_model.eval(), processor
+
+
+# -----------------------------------------------------------------------------
+# trainer tests: main() installs a SIGTERM flag; 2-rank runs under torchrun
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def restore_sigterm_handler():
+    """main() installs its SIGTERM flag in this process; give pytest its own handler back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def torchrun(args, timeout=300):
+    """(returncode, stderr) of `torchrun --nproc_per_node 2 ARGS` on CPU; on a timeout the launcher AND its ranks
+    are killed (subprocess.run would kill only the launcher and leave hung ranks spinning)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        err += f"\ntimed out after {timeout} s"
+    return proc.returncode, err

@@ -9,13 +9,11 @@ import faulthandler
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TEST_MEDIA
+from conftest import TEST_MEDIA, torchrun
 from safetensors.torch import load_file
 
 import common
@@ -26,31 +24,8 @@ import rewards
 import rollout
 import train_rl
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("restore_sigterm_handler")
 REFERENCE = "I look at the picture and count the shapes"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_sigterm_handler():
-    """main() installs its SIGTERM flag in this process; give pytest its own handler back afterwards."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
-def torchrun(args, timeout=300):
-    """(returncode, stderr) of `torchrun --nproc_per_node 2 ARGS` on CPU; on a timeout the launcher AND its ranks
-    are killed (subprocess.run would kill only the launcher and leave hung ranks spinning)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        err += f"\ntimed out after {timeout} s"
-    return proc.returncode, err
 
 
 def read_metrics(out_dir):

@@ -8,14 +8,11 @@ import json
 import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TEST_MEDIA, answer, suite_rows
+from conftest import TEST_MEDIA, answer, suite_rows, torchrun
 from safetensors.torch import load_file
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -26,29 +23,7 @@ import train_sft
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_sigterm_handler():
-    """main() installs its SIGTERM flag in this process; give pytest its own handler back afterwards."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    signal.signal(signal.SIGTERM, handler)
-
-
-def torchrun(args, timeout=300):
-    """(returncode, stderr) of `torchrun --nproc_per_node 2 ARGS` on CPU; on a timeout the launcher AND its ranks
-    are killed (subprocess.run would kill only the launcher and leave hung ranks spinning)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        err += f"\ntimed out after {timeout} s"
-    return proc.returncode, err
+pytestmark = pytest.mark.usefixtures("restore_sigterm_handler")
 
 
 def read_metrics(out_dir):
