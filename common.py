@@ -207,6 +207,13 @@ def shard_model(model, mixed_precision):
     return model
 
 
+def autocast(bf16, device):
+    """bf16 compute on GPU when asked (the trainers' forwards); CPU always runs fp32."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
 def set_grad_sync(model, sync):
     """Gradient accumulation: False on all but the last micro-batch skips the reduce-scatter. No-op unsharded."""
     if isinstance(model, FSDPModule):

@@ -124,7 +124,7 @@ def roll_out(model, processor, rows, cfg, media_cfg, templates, generator, devic
         chunk = rows[start:start + cfg.rollout_batch_prompts]
         inputs = {k: v.to(device)
                   for k, v in data.collate(chunk, processor, media_cfg, templates, cache=cache).items()}
-        with torch.no_grad(), autocast(cfg, device):
+        with torch.no_grad(), common.autocast(cfg.bf16, device):
             out = rollout.generate(model, inputs, n=cfg.n, max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
                                    generator=generator, eos_token_ids=eos_ids)
@@ -183,12 +183,6 @@ def micro_batch_inputs(groups, processor, media_cfg, templates, cfg, device, cac
     return inputs, response_ids.to(device), response_mask.to(device)
 
 
-def autocast(cfg, device):
-    if cfg.bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
-
-
 def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
     """One optimizer step over micro-batches (each: inputs, response ids/mask, old log-probs, advantages).
 
@@ -203,7 +197,7 @@ def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
               "kl": 0.0, "entropy": 0.0}
     for i, mb in enumerate(micro_batches):
         common.set_grad_sync(model, i == len(micro_batches) - 1)
-        with autocast(cfg, mb["inputs"]["input_ids"].device):
+        with common.autocast(cfg.bf16, mb["inputs"]["input_ids"].device):
             logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"], cfg.n)  # [mn, T]
             loss, metrics = ema_grpo.ppo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], cfg.clip_low,
                                               cfg.clip_high, cfg.dual_clip, num_tokens=max(num_tokens, 1.0))
@@ -416,7 +410,7 @@ def main(argv):
         for start in range(0, n_groups, cfg.micro_batch_prompts):
             chunk = kept[start:start + cfg.micro_batch_prompts]
             inputs, ids, mask = micro_batch_inputs(chunk, processor, media_cfg, templates, cfg, device, cache)
-            with torch.no_grad(), autocast(cfg, device):
+            with torch.no_grad(), common.autocast(cfg.bf16, device):
                 old_logp = rollout.token_logprobs(model, inputs, ids, mask, cfg.n)  # [mn, T]
             micro_batches.append({"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp,
                                   "adv": torch.cat([g["adv"] for g in chunk]).to(device).float()})  # adv [mn]

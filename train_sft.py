@@ -119,18 +119,12 @@ def validation_loss(model, rows, processor, media_cfg, cfg, device, cache=None):
         batch = {k: v.to(device) for k, v in
                  data.collate(chunk, processor, media_cfg, with_answer=True, cache=cache).items()}
         n = float((batch["labels"][:, 1:] != -100).sum())
-        with autocast(cfg, device):
+        with common.autocast(cfg.bf16, device):
             total += sft_loss(model, batch, 1.0).item()
         tokens += n
     model.train()
     sums = common.all_reduce({"loss": total, "tokens": tokens})
     return sums["loss"] / max(sums["tokens"], 1.0)
-
-
-def autocast(cfg, device):
-    if cfg.bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
 
 
 def main(argv):
@@ -214,7 +208,7 @@ def main(argv):
         loss_total = 0.0
         for i, batch in enumerate(batches):
             common.set_grad_sync(model, i == len(batches) - 1)
-            with autocast(cfg, device):
+            with common.autocast(cfg.bf16, device):
                 loss = sft_loss(model, batch, counts["tokens"])
             loss.backward()
             loss_total += loss.item()
