@@ -27,7 +27,7 @@ class Config:
     seed: int = 0
     n_sft: int = 8000
     n_rl: int = 3000
-    n_eval: int = 1400  # 100 per task, 200-400 per task family
+    n_eval: int = 1400  # 100 per task: 100 per single-task family, 200 segmentation, 800 QA
     sft_steps: int = 1000
     rl_steps: int = 50
     max_new_tokens: int = 128
@@ -197,12 +197,12 @@ def ablation(cfg, sft_dir, data_dir, eval_file, sft_family, columns):
     for estimator in ("grpo", "dr_grpo", "ema_grpo"):
         for seed in (int(s) for s in cfg.seeds.split(",")):
             out_dir = os.path.join(cfg.out, "ablation", f"{estimator}-seed{seed}")
-            if estimator == "ema_grpo" and seed == cfg.seed:
-                out_dir = os.path.join(cfg.out, "rl")  # the main run is this arm: same checkpoint, seed, budget
+            eval_dir = os.path.join(out_dir, "eval")
+            if estimator == "ema_grpo" and seed == cfg.seed:  # the main run is this arm: same checkpoint, seed, budget
+                out_dir, eval_dir = os.path.join(cfg.out, "rl"), os.path.join(cfg.out, "eval-rl")
             run([PY, "train_rl.py", f"--model={sft_dir}/hf", f"--data={data_dir}/rl.json", f"--out_dir={out_dir}",
                  f"--max_steps={cfg.rl_steps}", f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={seed}",
                  f"--estimator={estimator}", *RL_ARGS], os.path.join(out_dir, "hf", "config.json"))
-            eval_dir = os.path.join(cfg.out, "eval-rl") if out_dir.endswith("rl") else os.path.join(out_dir, "eval")
             metrics = eval_stage(os.path.join(out_dir, "hf"), eval_dir, eval_file, cfg)
             results.setdefault(estimator, []).append(family_means(metrics, "reward_accuracy"))
     rows = {"SFT": sft_family}

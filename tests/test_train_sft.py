@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TEST_MEDIA, answer, suite_rows, torchrun
+from conftest import REPO, TEST_MEDIA, answer, suite_rows, torchrun
 from safetensors.torch import load_file
 from transformers import Qwen3VLForConditionalGeneration
 
@@ -21,7 +21,6 @@ import data
 import model as model_lib
 import train_sft
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
 pytestmark = pytest.mark.usefixtures("restore_sigterm_handler")
 
