@@ -325,8 +325,8 @@ def write_video(path, frames):
 
 def make_row(args):
     """One row of a split: render its media, return the row in that split's released schema."""
-    out_dir, split, seed, index = args
-    problem_type, data_type, generator = TASKS[index % len(TASKS)]
+    out_dir, split, seed, index, tasks = args
+    problem_type, data_type, generator = tasks[index % len(tasks)]
     rng = np.random.default_rng([seed, SPLITS[split], index])
     problem, answer, think, options, media, extra = generator(rng)
     rel = os.path.join("media", split, f"{index:05d}." + ("png" if data_type == "image" else "mp4"))
@@ -350,12 +350,25 @@ def make_row(args):
             media_key: [rel], "problem_type": problem_type, "data_type": data_type}
 
 
-def generate_suite(out_dir, seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2):
-    """Write sft.json, rl.json, eval.json and their media under out_dir; returns {split: row count}."""
-    jobs = []
+def select_tasks(names):
+    """"all", or comma-separated generator names (e.g. "image_grounding,video_tracking") -> entries of TASKS.
+    Rows cycle through the list, so a name given twice gets twice the rows."""
+    if names == "all":
+        return TASKS
+    by_name = {task[2].__name__: task for task in TASKS}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        raise ValueError(f"unknown shapes task(s) {unknown}; known: {', '.join(by_name)}")
+    return [by_name[n] for n in names.split(",")]
+
+
+def generate_suite(out_dir, seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2, tasks="all"):
+    """Write sft.json, rl.json, eval.json and their media under out_dir; returns {split: row count}.
+    tasks: "all" or a comma-separated subset of the generators' names; rows cycle through the chosen tasks."""
+    chosen, jobs = select_tasks(tasks), []
     for split, count in (("sft", n_sft), ("rl", n_rl), ("eval", n_eval)):
         os.makedirs(os.path.join(out_dir, "media", split), exist_ok=True)
-        jobs += [(out_dir, split, seed, i) for i in range(count)]
+        jobs += [(out_dir, split, seed, i, chosen) for i in range(count)]
     with Pool(workers) as pool:
         rows = list(tqdm(pool.imap(make_row, jobs, chunksize=16), total=len(jobs), desc="shapes suite"))
     counts, start = {}, 0
@@ -367,12 +380,12 @@ def generate_suite(out_dir, seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2
 
 
 if __name__ == "__main__":
-    args = dict(out="data/shapes", seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2)
+    args = dict(out="data/shapes", seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2, tasks="all")
     for arg in sys.argv[1:]:
         key, _, value = arg.lstrip("-").partition("=")
         if key not in args or not value:
             sys.exit(f"usage: python shapes.py [--out=DIR] [--seed=N] [--n_sft=N] [--n_rl=N] [--n_eval=N] "
-                     f"[--workers=N]; got {arg!r}")
+                     f"[--workers=N] [--tasks=all|NAME,NAME...]; got {arg!r}")
         args[key] = type(args[key])(value)
     counts = generate_suite(args.pop("out"), **args)
     print("wrote " + ", ".join(f"{split}: {count} rows" for split, count in counts.items()))

@@ -67,7 +67,7 @@ class Config:
     filter_groups: bool = True
     filter_low: float = 0.01
     filter_high: float = 0.99
-    max_refill_tries: int = 20
+    max_refill_tries: int = 20  # rollout batches per step at most, the first included
     # reward (SPEC 4)
     format_weight: float = 0.1
     reward_model_url: str | None = None  # a vLLM /pooling endpoint serving POLAR for open-ended answers

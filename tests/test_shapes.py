@@ -93,3 +93,14 @@ def test_deterministic_and_splits_disjoint(suite, tmp_path):
     # OCR/math images may coincide by chance (few words and sums); scenes with shapes never do
     shared = [d for d, splits in digests.items() if len(splits) > 1]
     assert len(shared) <= 2
+
+
+def test_task_subset_cycles_through_the_chosen_tasks_only(tmp_path):
+    shapes.generate_suite(str(tmp_path), seed=0, n_sft=4, n_rl=2, n_eval=2, workers=1,
+                          tasks="image_grounding,video_tracking")
+    sft = load(str(tmp_path), "sft")
+    assert [(r["problem_type"], r["data_type"]) for r in sft] == [("spatial grounding", "image"),
+                                                                   ("tracking", "video")] * 2
+    assert {r["problem_type"] for r in load(str(tmp_path), "eval")} == {"spatial grounding", "tracking"}
+    with pytest.raises(ValueError, match="image_groundng"):
+        shapes.generate_suite(str(tmp_path), n_sft=1, n_rl=1, n_eval=1, workers=1, tasks="image_groundng")
