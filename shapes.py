@@ -4,7 +4,7 @@ short mp4 clips, with every problem_type of SPEC 3 over both modalities, answers
 scene, written in the released schemas (SPEC 1) so the same loaders read it as the real data.
 
     python shapes.py --out=data/shapes --seed=0                     # ~2000 SFT, 2000 RL, 300 eval rows
-    python shapes.py --out=data/demo --n_sft=12000 --n_rl=4000 --n_eval=1400
+    python shapes.py --out=data/two --tasks=image_grounding,video_tracking   # a subset: rows alternate between them
     python data.py shapes --out=data/shapes --seed=0                # the same, through data.py's CLI
 
 Files: sft.json (ShareGPT rows, a templated <think> rationale and the exact <answer>), rl.json (RL rows),
