@@ -356,15 +356,16 @@ def select_tasks(names):
     if names == "all":
         return TASKS
     by_name = {task[2].__name__: task for task in TASKS}
-    unknown = [n for n in names.split(",") if n not in by_name]
+    names = names.split(",")
+    unknown = [n for n in names if n not in by_name]
     if unknown:
         raise ValueError(f"unknown shapes task(s) {unknown}; known: {', '.join(by_name)}")
-    return [by_name[n] for n in names.split(",")]
+    return [by_name[n] for n in names]
 
 
 def generate_suite(out_dir, seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2, tasks="all"):
     """Write sft.json, rl.json, eval.json and their media under out_dir; returns {split: row count}.
-    tasks: "all" or a comma-separated subset of the generators' names; rows cycle through the chosen tasks."""
+    tasks: as select_tasks takes them."""
     chosen, jobs = select_tasks(tasks), []
     for split, count in (("sft", n_sft), ("rl", n_rl), ("eval", n_eval)):
         os.makedirs(os.path.join(out_dir, "media", split), exist_ok=True)
