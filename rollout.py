@@ -14,8 +14,8 @@ How a rollout runs (one screen each below):
    at temperature 0).
 
 Log-probs are of the sampled tokens under the raw (temperature 1, unfiltered) distribution: that is what the
-PPO ratio uses (train_rl.py recomputes them with `token_logprobs`), and with the released recipe's temperature
-1.0 and no top-p/top-k it is also the sampling distribution.
+PPO ratio uses (train_rl.py recomputes them with `token_logprobs` when it takes several updates per rollout),
+and with the released recipe's temperature 1.0 and no top-p/top-k it is also the sampling distribution.
 
 Under FSDP2 the prefill is an ordinary sharded forward and the decode loop runs with every parameter gathered
 once (`gathered_params`): no collective per token. The same code runs in one process without FSDP.
@@ -296,7 +296,7 @@ def repeat_inputs(inputs, n):
     return out
 
 
-def token_logprobs(model, inputs, response_ids, response_mask, n=1):
+def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt=False):
     """Teacher-forced log-probs [B*n, T] of response_ids after their prompts (0 where response_mask is 0).
 
     inputs: the B prompts as generate takes them; row i*n+j of response_ids answers prompt i. Differentiable.
@@ -306,7 +306,10 @@ def token_logprobs(model, inputs, response_ids, response_mask, n=1):
     calls outside the one forward (get_image_features), and under FSDP2 ranks with different media mixes then
     run different numbers of root forwards and hang in backward. For an 8B model the vision tower is ~0.6B
     parameters, so this costs a fraction of the LLM's work on the same B*n rows.
+    share_prompt=True: the same log-probs from each prompt once (shared_prompt_logprobs).
     """
+    if share_prompt:
+        return shared_prompt_logprobs(model, inputs, response_ids, response_mask, n)
     T = response_ids.shape[1]
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
     prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
@@ -321,5 +324,29 @@ def token_logprobs(model, inputs, response_ids, response_mask, n=1):
     position_ids = torch.cat([position_ids.repeat_interleave(n, 1), response_pos], 2)  # [4, Bn, P+T]
     out = model(**full, position_ids=position_ids, logits_to_keep=T + 1)
     logits = no_media_tokens(model, out.logits[:, :-1].float())  # [Bn, T, V]; position P-1+t predicts token t
+    logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn, T]
+    return logp * response_mask
+
+
+def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
+    """token_logprobs with each prompt in the forward once: the B prompts (and their media) go through the model
+    with a KV cache, the cache is repeated n times, and the B*n responses go through on top of it. Positions are
+    those of token_logprobs, so the log-probs are the same (tested), from B*P + B*n*T tokens instead of
+    B*n*(P + T), with the vision tower once per prompt; gradients reach the prompt through the repeated cache.
+    Two forwards of the model per call (FSDP2 gathers the weights for each; tested on 2 ranks)."""
+    T = response_ids.shape[1]
+    position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
+    prompt = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    cache = prompt.past_key_values
+    cache.batch_repeat_interleave(n)  # [B, heads, P, d] -> [B*n, heads, P, d] per layer, differentiable
+    prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
+    steps = torch.arange(T, device=response_ids.device)  # [T]
+    response_pos = torch.cat([(prompt_mask.sum(1, keepdim=True) + steps)[None],
+                              next_pos.repeat_interleave(n, 1)[:, :, None] + steps])  # [4, Bn, T]
+    out = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1),
+                position_ids=response_pos, past_key_values=cache, use_cache=True)
+    # token 0 is predicted at the prompt's last position, token t at response position t-1
+    logits = torch.cat([prompt.logits.repeat_interleave(n, 0), out.logits[:, :-1]], 1).float()  # [Bn, T, V]
+    logits = no_media_tokens(model, logits)
     logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn, T]
     return logp * response_mask

@@ -15,7 +15,7 @@ its --nnodes / --nproc_per_node and stops with "ambiguous option".
 
 One step, top to bottom: sample prompts -> roll out n each (rollout.py) -> score (rewards.py) -> drop groups
 whose mean accuracy is ~0 or ~1 and refill -> advantages (ema_grpo.py, the task EMA shared by all ranks) ->
-old log-probs -> ppo_updates optimizer steps over mini-batches -> log -> checkpoint.
+old log-probs (when ppo_updates > 1) -> ppo_updates optimizer steps over mini-batches -> log -> checkpoint.
 
 What it leaves out of the release (EasyR1/verl): vLLM and Ray (our own KV-cache rollout on the training
 weights, one process per GPU), sequence packing / dynamic batch sizes, and the reward-model server's
@@ -87,6 +87,7 @@ class Config:
     kl_coef: float = 0.0  # > 0 loads a frozen reference copy of the starting model
     kl_kind: str = "low_var_kl"
     freeze_vision: bool = False  # the release trains the vision tower in RL
+    share_prompt: bool = True  # update forwards take each prompt once, its n responses side by side (rollout.py)
     grad_checkpointing: bool = False
     bf16: bool = False
     # media (SPEC 2)
@@ -107,6 +108,7 @@ PRESETS = {
     "shapes": {},
     "release": dict(max_steps=200, prompts_per_step=128, n=8, max_new_tokens=4096, ppo_updates=4,
                     micro_batch_prompts=1, rollout_batch_prompts=2, lr=2e-6, weight_decay=0.01, grad_checkpointing=True, bf16=True,
+                    share_prompt=False,  # 8 x 4096-token responses would need [L, L] masks of L ~ 33k
                     balance_modalities=False, image_max_pixels=1048576, video_max_pixels=64 * 32 * 32,
                     cache_inputs=False, sample_every=10, save_every=25),
 }
@@ -184,7 +186,8 @@ def micro_batch_inputs(groups, processor, media_cfg, templates, cfg, device, cac
 
 
 def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
-    """One optimizer step over micro-batches (each: inputs, response ids/mask, old log-probs, advantages).
+    """One optimizer step over micro-batches (each: inputs, response ids/mask, old log-probs or None for the
+    current policy's, advantages).
 
     The loss is the global token mean over the mini-batch (all micro-batches, all ranks: SPEC 6); gradients
     are summed over ranks (common.shard_model), so one process and N ranks take the same step.
@@ -198,12 +201,15 @@ def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
     for i, mb in enumerate(micro_batches):
         common.set_grad_sync(model, i == len(micro_batches) - 1)
         with common.autocast(cfg.bf16, mb["inputs"]["input_ids"].device):
-            logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"], cfg.n)  # [mn, T]
-            loss, metrics = ema_grpo.ppo_loss(logp, mb["old_logp"], mb["adv"], mb["mask"], cfg.clip_low,
+            logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"], cfg.n,
+                                          cfg.share_prompt)  # [mn, T]
+            old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]  # None: on-policy (ratio 1)
+            loss, metrics = ema_grpo.ppo_loss(logp, old_logp, mb["adv"], mb["mask"], cfg.clip_low,
                                               cfg.clip_high, cfg.dual_clip, num_tokens=max(num_tokens, 1.0))
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = rollout.token_logprobs(ref_model, mb["inputs"], mb["ids"], mb["mask"], cfg.n)
+                    ref_logp = rollout.token_logprobs(ref_model, mb["inputs"], mb["ids"], mb["mask"], cfg.n,
+                                                     cfg.share_prompt)
                 kl = (ema_grpo.kl_penalty(logp, ref_logp, cfg.kl_kind) * mb["mask"]).sum() / max(num_tokens, 1.0)
                 loss = loss + cfg.kl_coef * kl
                 totals["kl"] += kl.item()
@@ -404,14 +410,18 @@ def main(argv):
                 g["adv"] = adv[i * cfg.n:(i + 1) * cfg.n]  # [n]
         timing["advantage"] = time.perf_counter() - t0
 
-        # --- old log-probs under the policy that sampled (recomputed with the training forward, as released)
+        # --- old log-probs under the policy that sampled (recomputed with the training forward, as released).
+        # With ppo_updates=1 the policy that sampled is the one the single update starts from: its old log-probs
+        # are the update's own, detached (ratio 1), so ppo_step takes them there and this forward is skipped.
         t0 = time.perf_counter()
         micro_batches = []
         for start in range(0, n_groups, cfg.micro_batch_prompts):
             chunk = kept[start:start + cfg.micro_batch_prompts]
             inputs, ids, mask = micro_batch_inputs(chunk, processor, media_cfg, templates, cfg, device, cache)
-            with torch.no_grad(), common.autocast(cfg.bf16, device):
-                old_logp = rollout.token_logprobs(model, inputs, ids, mask, cfg.n)  # [mn, T]
+            old_logp = None
+            if cfg.ppo_updates > 1:
+                with torch.no_grad(), common.autocast(cfg.bf16, device):
+                    old_logp = rollout.token_logprobs(model, inputs, ids, mask, cfg.n, cfg.share_prompt)  # [mn, T]
             micro_batches.append({"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp,
                                   "adv": torch.cat([g["adv"] for g in chunk]).to(device).float()})  # adv [mn]
         timing["old_logp"] = time.perf_counter() - t0

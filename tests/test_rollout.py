@@ -96,6 +96,32 @@ def test_logprobs_equal_teacher_forced_forward(peaked, suite_dir):
     tiny_model.zero_grad(set_to_none=True)
 
 
+def test_shared_prompt_logprobs_equal_repeated_prompts(peaked, suite_dir):
+    """share_prompt (each prompt once, its KV cache repeated for the n responses) == the prompt repeated n times:
+    log-probs and gradients, for image, video and text prompts of three lengths and right-padded
+    responses of nine lengths."""
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    out = rollout.generate(tiny_model, inputs, n=3, max_new_tokens=N_NEW, temperature=1.0,
+                           generator=torch.Generator().manual_seed(1), eos_token_ids=[im_end(processor)])
+    lengths = torch.tensor([16, 3, 9, 1, 12, 16, 7, 14, 5])  # [Bn]
+    mask = (torch.arange(N_NEW)[None] < lengths[:, None]).long()  # [Bn, T]
+    ids = out["response_ids"].masked_fill(mask == 0, processor.tokenizer.pad_token_id)  # [Bn, T]
+    grads = []
+    for share in (False, True):
+        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, n=3, share_prompt=share)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        grads.append({name: p.grad.clone() for name, p in tiny_model.named_parameters() if p.grad is not None})
+        tiny_model.zero_grad(set_to_none=True)
+        if share:
+            torch.testing.assert_close(logp, repeated, rtol=0, atol=1e-5)
+        repeated = logp.detach()
+    assert grads[0].keys() == grads[1].keys() and "model.visual.patch_embed.proj.weight" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-4,  # fp32 sums, reordered
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def test_repeat_inputs_equals_collating_repeated_rows(tiny, suite_dir):
     _, processor = tiny
     rows = data.load_rows(str(suite_dir / "rl.json"))

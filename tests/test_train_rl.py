@@ -109,6 +109,32 @@ def test_ppo_step_skips_a_non_finite_update(model_dir, suite_dir):
     assert changed and all(torch.isfinite(p).all() for p in tiny_model.parameters())
 
 
+def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir, suite_dir):
+    """old_logp=None (ppo_updates=1 skips that forward) takes the same step as old log-probs recomputed by a
+    no-grad forward of the same weights: same loss, gradient norm and weights after AdamW."""
+    rows = data.load_rows(str(suite_dir / "rl.json"))
+    cfg = train_rl.Config(n=2)
+    results = []
+    for recompute in (True, False):
+        tiny_model, processor = model_lib.load_model(model_dir)
+        optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
+        mb = micro_batch(tiny_model, processor, rows[:2])
+        if recompute:
+            with torch.no_grad():
+                mb["old_logp"] = rollout.token_logprobs(tiny_model, mb["inputs"], mb["ids"], mb["mask"], cfg.n,
+                                                        cfg.share_prompt)
+        else:
+            mb["old_logp"] = None
+        metrics = train_rl.ppo_step(tiny_model, optimizer, [mb], cfg)
+        results.append((metrics, tiny_model.state_dict()))
+    (recomputed, weights_a), (on_policy, weights_b) = results
+    assert recomputed["grad_norm"] > 0 and recomputed["clip_frac"] == 0.0
+    for key in ("loss", "grad_norm", "ratio", "approx_kl"):
+        assert on_policy[key] == pytest.approx(recomputed[key], abs=1e-6), key
+    for name in weights_a:
+        torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-6, msg=name)
+
+
 # -----------------------------------------------------------------------------
 # whole runs in this process
 
