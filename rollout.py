@@ -333,18 +333,23 @@ def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
     with a KV cache, the cache is repeated n times, and the B*n responses go through on top of it. Positions are
     those of token_logprobs, so the log-probs are the same (tested), from B*P + B*n*T tokens instead of
     B*n*(P + T), with the vision tower once per prompt; gradients reach the prompt through the repeated cache.
-    Two forwards of the model per call (FSDP2 gathers the weights for each; tested on 2 ranks)."""
+    Two forwards of the model per call (FSDP2 gathers the weights for each; tested on 2 ranks). Not with gradient
+    checkpointing: HF's checkpointed layers drop the cache in training mode."""
     T = response_ids.shape[1]
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
     prompt = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     cache = prompt.past_key_values
+    if cache is None or cache.get_seq_length() != inputs["input_ids"].shape[1]:
+        raise ValueError("share_prompt: the prompt forward kept no KV cache (gradient checkpointing drops it in "
+                         "training mode); turn share_prompt or gradient checkpointing off")
     cache.batch_repeat_interleave(n)  # [B, heads, P, d] -> [B*n, heads, P, d] per layer, differentiable
     prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
     steps = torch.arange(T, device=response_ids.device)  # [T]
     response_pos = torch.cat([(prompt_mask.sum(1, keepdim=True) + steps)[None],
                               next_pos.repeat_interleave(n, 1)[:, :, None] + steps])  # [4, Bn, T]
-    out = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1),
-                position_ids=response_pos, past_key_values=cache, use_cache=True)
+    attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [Bn, P+T]
+    out = model(input_ids=response_ids, attention_mask=attention_mask, position_ids=response_pos,
+                past_key_values=cache, use_cache=True)
     # token 0 is predicted at the prompt's last position, token t at response position t-1
     logits = torch.cat([prompt.logits.repeat_interleave(n, 0), out.logits[:, :-1]], 1).float()  # [Bn, T, V]
     logits = no_media_tokens(model, logits)

@@ -87,7 +87,7 @@ class Config:
     kl_coef: float = 0.0  # > 0 loads a frozen reference copy of the starting model
     kl_kind: str = "low_var_kl"
     freeze_vision: bool = False  # the release trains the vision tower in RL
-    share_prompt: bool = True  # update forwards take each prompt once, its n responses side by side (rollout.py)
+    share_prompt: bool = True  # update forwards run each prompt once, its KV cache repeated for the n responses
     grad_checkpointing: bool = False
     bf16: bool = False
     # media (SPEC 2)
@@ -108,7 +108,7 @@ PRESETS = {
     "shapes": {},
     "release": dict(max_steps=200, prompts_per_step=128, n=8, max_new_tokens=4096, ppo_updates=4,
                     micro_batch_prompts=1, rollout_batch_prompts=2, lr=2e-6, weight_decay=0.01, grad_checkpointing=True, bf16=True,
-                    share_prompt=False,  # 8 x 4096-token responses would need [L, L] masks of L ~ 33k
+                    share_prompt=False,  # gradient checkpointing (needed at 8B) drops the prompt's KV cache
                     balance_modalities=False, image_max_pixels=1048576, video_max_pixels=64 * 32 * 32,
                     cache_inputs=False, sample_every=10, save_every=25),
 }
@@ -302,6 +302,9 @@ def main(argv):
         plan_8b(cfg)
         return
     rank, world_size, _, device = common.init_distributed()
+    if cfg.share_prompt and cfg.grad_checkpointing:
+        raise ValueError("share_prompt=true needs the prompt's KV cache, which grad_checkpointing=true drops: "
+                         "turn one of them off")
     if cfg.prompts_per_step % (world_size * cfg.ppo_updates):
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of world_size*ppo_updates="
                          f"{world_size}*{cfg.ppo_updates}")
@@ -421,7 +424,8 @@ def main(argv):
             old_logp = None
             if cfg.ppo_updates > 1:
                 with torch.no_grad(), common.autocast(cfg.bf16, device):
-                    old_logp = rollout.token_logprobs(model, inputs, ids, mask, cfg.n, cfg.share_prompt)  # [mn, T]
+                    old_logp = rollout.token_logprobs(model, inputs, ids, mask, cfg.n,
+                                                      cfg.share_prompt)  # [mn, T]
             micro_batches.append({"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp,
                                   "adv": torch.cat([g["adv"] for g in chunk]).to(device).float()})  # adv [mn]
         timing["old_logp"] = time.perf_counter() - t0

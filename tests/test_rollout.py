@@ -120,6 +120,14 @@ def test_shared_prompt_logprobs_equal_repeated_prompts(peaked, suite_dir):
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-4,  # fp32 sums, reordered
                                    msg=lambda m: f"{name}: {m}")
+    tiny_model.gradient_checkpointing_enable()  # its layers drop the KV cache in training mode: refused, not wrong
+    tiny_model.train()
+    try:
+        with pytest.raises(ValueError, match="kept no KV cache"):
+            rollout.token_logprobs(tiny_model, inputs, ids, mask, n=3, share_prompt=True)
+    finally:
+        tiny_model.gradient_checkpointing_disable()
+        tiny_model.eval()
 
 
 def test_repeat_inputs_equals_collating_repeated_rows(tiny, suite_dir):

@@ -135,6 +135,12 @@ def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_share_prompt_with_grad_checkpointing_is_refused(rl_args, tmp_path):
+    with pytest.raises(ValueError, match="grad_checkpointing=true drops"):
+        train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--grad_checkpointing=true"])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 # -----------------------------------------------------------------------------
 # whole runs in this process
 
