@@ -4,9 +4,9 @@ EMA-GRPO improves it (RL), with held-out evaluation after each stage. Every stag
 script, printed before it runs; a stage whose output already exists is skipped, so a re-run continues where it
 stopped.
 
-    python demo.py                          # ~25 minutes on 2 CPU cores (make demo)
+    python demo.py                          # ~26 minutes on 2 CPU cores (make demo)
     python demo.py --ablation=true          # then GRPO vs Dr.GRPO vs EMA-GRPO from the same SFT checkpoint
-    python demo.py --ablation=true --seeds=0,1
+    python demo.py --ablation=true --seeds=0,1  # ~36 minutes more: 3 estimators x 2 seeds
 
 Outputs: runs/demo/ (data, model, checkpoints, eval records), the figures docs/demo_*.png, and a last line of
 key=value pairs. Segmentation is scored by the training reward's box/point accuracy (eval --sam2=false): SAM2
