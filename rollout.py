@@ -313,17 +313,29 @@ def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt
     T = response_ids.shape[1]
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
     prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
-    steps = torch.arange(T, device=response_ids.device)  # [T]
-    response_pos = torch.cat([(prompt_mask.sum(1, keepdim=True) + steps)[None],
-                              next_pos.repeat_interleave(n, 1)[:, :, None] + steps])  # [4, Bn, T]
     full = repeat_inputs(inputs, n)
     full["input_ids"] = torch.cat([full["input_ids"], response_ids], 1)  # [Bn, P+T]
     full["attention_mask"] = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [Bn, P+T]
     if full.get("mm_token_type_ids") is not None:  # responses are text (type 0)
         full["mm_token_type_ids"] = F.pad(full["mm_token_type_ids"], (0, T))
+    response_pos = response_positions(prompt_mask, next_pos, n, T)  # [4, Bn, T]
     position_ids = torch.cat([position_ids.repeat_interleave(n, 1), response_pos], 2)  # [4, Bn, P+T]
     out = model(**full, position_ids=position_ids, logits_to_keep=T + 1)
-    logits = no_media_tokens(model, out.logits[:, :-1].float())  # [Bn, T, V]; position P-1+t predicts token t
+    # position P-1+t predicts token t
+    return sampled_logprobs(model, out.logits[:, :-1], response_ids, response_mask)
+
+
+def response_positions(prompt_mask, next_pos, n, T):
+    """position_ids [4, B*n, T] of T response tokens after their prompts (prompt_mask [B*n, P], next_pos [3, B]):
+    the text row continues the prompt's count, the t/h/w rows continue from next_pos, as generate decodes."""
+    steps = torch.arange(T, device=prompt_mask.device)  # [T]
+    return torch.cat([(prompt_mask.sum(1, keepdim=True) + steps)[None],
+                      next_pos.repeat_interleave(n, 1)[:, :, None] + steps])  # [4, Bn, T]
+
+
+def sampled_logprobs(model, logits, response_ids, response_mask):
+    """log p of response_ids [Bn, T] under logits [Bn, T, V] (media tokens excluded), 0 where the mask is 0."""
+    logits = no_media_tokens(model, logits.float())  # [Bn, T, V]
     logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn, T]
     return logp * response_mask
 
@@ -344,14 +356,9 @@ def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
                          "training mode); turn share_prompt or gradient checkpointing off")
     cache.batch_repeat_interleave(n)  # [B, heads, P, d] -> [B*n, heads, P, d] per layer, differentiable
     prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
-    steps = torch.arange(T, device=response_ids.device)  # [T]
-    response_pos = torch.cat([(prompt_mask.sum(1, keepdim=True) + steps)[None],
-                              next_pos.repeat_interleave(n, 1)[:, :, None] + steps])  # [4, Bn, T]
     attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [Bn, P+T]
-    out = model(input_ids=response_ids, attention_mask=attention_mask, position_ids=response_pos,
-                past_key_values=cache, use_cache=True)
+    out = model(input_ids=response_ids, attention_mask=attention_mask,
+                position_ids=response_positions(prompt_mask, next_pos, n, T), past_key_values=cache, use_cache=True)
     # token 0 is predicted at the prompt's last position, token t at response position t-1
-    logits = torch.cat([prompt.logits.repeat_interleave(n, 0), out.logits[:, :-1]], 1).float()  # [Bn, T, V]
-    logits = no_media_tokens(model, logits)
-    logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn, T]
-    return logp * response_mask
+    logits = torch.cat([prompt.logits.repeat_interleave(n, 0), out.logits[:, :-1]], 1)  # [Bn, T, V]
+    return sampled_logprobs(model, logits, response_ids, response_mask)
