@@ -27,8 +27,8 @@ import data
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30),
            "purple": (150, 60, 190)}
 SHAPES = ("circle", "square", "triangle")
-SIZE = 128  # image side in pixels: 16 vision tokens after the 2x2 merge
-VIDEO_SIZE = 96  # frame side: 9 tokens per pair of frames, so a 4 s clip at 2 fps costs 36 vision tokens
+SIZE = 128  # image side in pixels: 64 vision tokens for the tiny model (patch 16, no merge)
+VIDEO_SIZE = 96  # frame side: 36 tokens per pair of frames, so a 4 s clip at 2 fps costs 144 vision tokens
 FPS, SECONDS = 8, 4  # clips: 32 frames; the model samples them at 2 fps
 WORDS = ("CAT", "DOG", "SUN", "BOX", "RED", "MAP", "CUP", "HAT", "PEN", "KEY", "BUS", "FOX", "OWL", "JAM", "ZIP")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}

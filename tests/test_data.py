@@ -180,7 +180,7 @@ def test_collate_image_video_text_rows(suite_dir, tiny):
                           "pixel_values_videos", "video_grid_thw"}
     B, L = batch["input_ids"].shape
     assert B == 4 and batch["attention_mask"].shape == batch["mm_token_type_ids"].shape == (B, L)
-    merge = 2 * 2
+    merge = processor.image_processor.merge_size ** 2  # patches per placeholder token
     image_grid, video_grid = batch["image_grid_thw"], batch["video_grid_thw"]
     assert image_grid.tolist() == [[1, 4, 6], [1, 10, 2]]  # a.png 64x96; b.png 150x40 -> 160x32
     assert video_grid.tolist() == [[3, 4, 6], [3, 4, 6]]  # 6 frames (2 fps of 3 s) of 64x96
@@ -190,7 +190,7 @@ def test_collate_image_video_text_rows(suite_dir, tiny):
     assert torch.equal(types == 1, ids == processor.image_token_id)
     assert torch.equal(types == 2, ids == processor.video_token_id)
     per_row = [((types[i] == 1).sum().item(), (types[i] == 2).sum().item()) for i in range(B)]
-    assert per_row == [(6, 0), (0, 18), (0, 0), (5, 18)]  # grid t*h*w / merge 4
+    assert per_row == [(24 // merge, 0), (0, 72 // merge), (0, 0), (20 // merge, 72 // merge)]  # grid t*h*w / merge
     assert (types[3] == 2).nonzero().max() < (types[3] == 1).nonzero().min()  # video-image: video first
     with torch.no_grad():
         logits = tiny_model(**batch).logits
