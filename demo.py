@@ -4,9 +4,9 @@ EMA-GRPO improves it (RL), with held-out evaluation after each stage. Every stag
 script, printed before it runs; a stage whose output already exists is skipped, so a re-run continues where it
 stopped.
 
-    python demo.py                          # ~26 minutes on 2 CPU cores (make demo)
+    python demo.py                          # ~22 minutes on 2 CPU cores (make demo)
     python demo.py --ablation=true          # then GRPO vs Dr.GRPO vs EMA-GRPO from the same SFT checkpoint
-    python demo.py --ablation=true --seeds=0,1  # ~36 minutes more: 3 estimators x 2 seeds
+    python demo.py --ablation=true --seeds=0,1  # ~31 minutes more: 3 estimators x 2 seeds
 
 Outputs: runs/demo/ (data, model, checkpoints, eval records), the figures docs/demo_*.png, and a last line of
 key=value pairs. Segmentation is scored by the training reward's box/point accuracy (eval --sam2=false): SAM2
@@ -23,12 +23,12 @@ import common
 
 
 # One task per family of the paper's ablation table, not all 14 of the suite, and spatial grounding given three
-# times. Measured: with all 14 tasks, or these six in equal shares, the tiny model learns format and copying from
-# the prompt but never looks at the image (its loss with every row's media swapped for another row's changes by
-# <= 0.002): the long answers (tracking, segmentation) hold most of the loss tokens, and their digits are learned
-# from priors. Reading where an object is takes the most steps, so half the rows ask for it from one image
-# (grounding x3, segmentation). Multiple choice needs ~1,000-2,000 steps of its own before the option letter
-# follows the colour seen (NOTES: it appears suddenly): more than this budget holds, so it gets one share.
+# times. Measured with an earlier 16-token model: with all 14 tasks, or these six in equal shares, the tiny model
+# learned format and copying from the prompt but not to look at the image (its loss with every row's media swapped
+# for another row's changed by <= 0.002): the long answers (tracking, segmentation) hold most of the loss tokens,
+# and their digits are learned from priors. Reading where an object is takes the most steps, so half the rows ask
+# for it from one image (grounding x3, segmentation). Multiple choice needs ~1,000-2,000 steps of its own before
+# the option letter follows the colour seen (it appears suddenly): more than this budget holds, so one share.
 DEMO_TASKS = ("image_multiple_choice,image_grounding,video_temporal,image_grounding,"
               "video_spatial_temporal,image_segmentation,video_tracking,image_grounding")
 

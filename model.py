@@ -48,7 +48,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# S trains at ~40 rows/s on 2 CPU cores on the shapes suite; L is ~3x slower per step.
+# S trains at ~25 rows/s on 2 CPU cores on the demo's shapes mix; L is ~3x slower per step.
 SIZES = {
     "S": dict(hidden=128, layers=2, heads=4, kv_heads=2, mlp=384, vis_depth=2, vis_hidden=64, vis_mlp=128),
     "L": dict(hidden=256, layers=4, heads=8, kv_heads=4, mlp=768, vis_depth=4, vis_hidden=128, vis_mlp=256),
