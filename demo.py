@@ -55,7 +55,7 @@ FAMILIES = {  # task key -> the paper's task groups (SPEC 8's ablation table)
     "tracking": "tracking", "segmentation/image": "segmentation", "segmentation/video": "segmentation",
 }
 PY = sys.executable
-# RL sized for 2 CPU cores: 16 prompts x 8 samples in two micro-batches, ~3.7 s a step (measured: 16 prompts a step
+# RL sized for 2 CPU cores: 16 prompts x 8 samples in two micro-batches, ~2.7 s a step (measured: 16 prompts a step
 # beat 8 at the same cost, and lr 2e-4 did worse than 1e-4), the vision tower frozen (the release trains it; here
 # it would cost most of the update), at most 2 rollout batches per step when the filter drops groups (the
 # release: 20), and samples drawn at temperature 0.7 (the release: 1.0). Measured from the demo's SFT checkpoint:
