@@ -170,7 +170,7 @@ def main(argv):
     eval_file = os.path.join(data_dir, "eval.json")
 
     # --- data and the tiny model
-    run([PY, "data.py", "shapes", f"--out={data_dir}", f"--seed={cfg.seed}", f"--n_sft={cfg.n_sft}",
+    run([PY, "shapes.py", f"--out={data_dir}", f"--seed={cfg.seed}", f"--n_sft={cfg.n_sft}",
          f"--n_rl={cfg.n_rl}", f"--n_eval={cfg.n_eval}", f"--tasks={cfg.tasks}"], eval_file)
     run([PY, "model.py", f"--out={model_dir}", f"--data={data_dir}", f"--seed={cfg.seed}"],
         os.path.join(model_dir, "config.json"))
