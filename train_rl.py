@@ -245,6 +245,21 @@ def task_metrics(groups):
     return {key: dict(zip(parts, np.mean(values, 0).tolist())) for key, values in sorted(by_task.items())}
 
 
+def advantage_metrics(groups):
+    """Per task key, over every rank's kept groups: the mean spread of the reward within a group (population std)
+    and the mean |advantage| the estimator gave, the two numbers GRPO, Dr.GRPO and EMA-GRPO relate differently."""
+    local = [(data.task_key(g["row"]["problem_type"], g["row"]["data_type"]),
+              [float(np.std([s["overall"] for s in g["scores"]])), float(g["adv"].abs().mean())]) for g in groups]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        local = [item for rank_items in gathered for item in rank_items]
+    by_task = {}
+    for key, values in local:
+        by_task.setdefault(key, []).append(values)
+    return {key: dict(zip(("group_std", "abs"), np.mean(values, 0).tolist())) for key, values in sorted(by_task.items())}
+
+
 # -----------------------------------------------------------------------------
 # the real-scale check: Qwen3-VL-8B on the meta device, the memory plan for 8 x 80 GB
 
@@ -451,6 +466,7 @@ def main(argv):
                                        "length_sum": float(sum(lengths)), "length_n": float(len(lengths))})
             metrics = {
                 "reward": task_metrics(rolled),  # every rolled-out group, before filtering
+                "advantage": advantage_metrics(kept),  # the groups the update used
                 "ema": tracker.stats(),
                 "response_length": stats["length_sum"] / max(stats["length_n"], 1.0),
                 "filter_keep_rate": stats["kept"] / max(stats["tried"], 1.0),
