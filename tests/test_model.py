@@ -88,3 +88,15 @@ def test_cpu_vision_tower_equals_hf(suite_dir, model_dir):
     for name, grad in hf_grads.items():
         assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-7), name
     assert hf_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0
+
+
+def test_vision_position_table_starts_as_a_position_code(model_dir):
+    """The tiny model's vision position table is a sine-cosine code of the 16 x 16 grid, as strong as the patch
+    content (not std-0.02 noise): rows and columns each get half the dims, and nearer cells have closer codes."""
+    table = weights(model_dir)["model.visual.pos_embed.weight"]  # [256, 64]
+    assert torch.equal(table, model.sincos_positions(16, 64))
+    grid = table.view(16, 16, 64)
+    assert 0.6 < table.std() < 0.8
+    assert torch.equal(grid[:, 3, :32], grid[:, 9, :32]) and torch.equal(grid[3, :, 32:], grid[9, :, 32:])
+    distance = lambda a, b: (grid[a] - grid[b]).norm()
+    assert distance((5, 5), (5, 6)) < distance((5, 5), (5, 12)) and distance((5, 5), (6, 5)) < distance((5, 5), (12, 5))
