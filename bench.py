@@ -4,13 +4,16 @@ one-line key=value summary.
 
     python bench.py rollout [--model=runs/tiny-model] [--new_tokens=96] [--rounds=3]
     python bench.py rewards [--per_type=300] [--rounds=5] [--seed=0]
+    python bench.py rollout --help                       # each benchmark's keys with their comments
 """
+import dataclasses
 import json
 import random
 import re
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import math_verify
 import numpy as np
@@ -19,19 +22,10 @@ from mathruler.grader import grade_answer
 from rouge_score import rouge_scorer
 from transformers.video_utils import VideoMetadata
 
-import model as tiny_model
+import common
+import model as model_lib
 import rewards
 import rollout
-
-
-def parse_args(argv, defaults, usage):
-    args = dict(defaults)
-    for arg in argv:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in args or not value:
-            sys.exit(f"usage: {usage}; got {arg!r}")
-        args[key] = type(defaults[key])(value)
-    return args
 
 
 # -----------------------------------------------------------------------------
@@ -63,10 +57,16 @@ def rollout_prompts(processor, count, seed=0):
     return processor(text=texts, padding=True, return_tensors="pt", **media)
 
 
+@dataclass
+class RolloutConfig:
+    model: str = model_lib.DEFAULT_MODEL_DIR  # the tiny model is built if missing
+    new_tokens: int = 96  # tokens generated per row (EOS suppressed on both sides)
+    rounds: int = 3  # timed rounds per side; the best counts
+
+
 def bench_rollout(argv):
-    args = parse_args(argv, dict(model=tiny_model.DEFAULT_MODEL_DIR, new_tokens=96, rounds=3),
-                      "python bench.py rollout [--model=DIR] [--new_tokens=N] [--rounds=N]")
-    model, processor = tiny_model.load_model(tiny_model.ensure_model(args["model"]))
+    args = dataclasses.asdict(common.parse_config(RolloutConfig, argv))
+    model, processor = model_lib.load_model(model_lib.ensure_model(args["model"]))
     model.eval()
     banned = [model.config.image_token_id, model.config.video_token_id]
     print(f"model {args['model']}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -266,9 +266,15 @@ def release_path_score(item):
     return 0.9 * acc + 0.1 * fmt + (structure if fmt else 0.0)
 
 
+@dataclass
+class RewardsConfig:
+    per_type: int = 300  # generated items per problem type
+    rounds: int = 5  # timed passes per side; the best counts
+    seed: int = 0
+
+
 def bench_rewards(argv):
-    args = parse_args(argv, dict(per_type=300, rounds=5, seed=0),
-                      "python bench.py rewards [--per_type=N] [--rounds=N] [--seed=N]")
+    args = dataclasses.asdict(common.parse_config(RewardsConfig, argv))
     non_math, math_items = reward_items(args["seed"], args["per_type"])
     rewards.symbolic_equal("math", "1", "2")  # start the symbolic worker outside the timings
 

@@ -9,6 +9,7 @@ Conventions the trainers rely on:
 - A checkpoint is step_XXXXXX/ holding DCP shards of model + optimizer and one extra_rank{r}.pt per rank.
 """
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -71,25 +72,30 @@ def _check_value(key, value, base, nullable, where):
 
 
 def parse_config(cls, argv, presets=None):
-    """cls() with `--preset=NAME` applied first (presets: {name: {field: value}}), then `--key=value` overrides.
+    """cls() with `--preset=NAME` applied first (presets: {name: {field: value}}), then overrides.
 
-    Unknown keys, unknown presets, malformed arguments and values that do not parse as the field's type raise a
-    ValueError naming the argument. bool fields take true/false/1/0; fields typed `X | None` also take "none".
-    `--help` prints the fields with their defaults and exits.
+    Overrides are `--key=value` or `--key value`. Unknown keys, unknown presets, malformed arguments and values
+    that do not parse as the field's type raise a ValueError naming the argument. bool fields take
+    true/false/1/0; fields typed `X | None` also take "none". `--help` prints every key with its default and the
+    comment beside it in the dataclass (and the comment lines between fields as headings), then exits.
     """
     presets = presets or {}
     hints = typing.get_type_hints(cls)
     types_ = {f.name: _field_type(cls, f.name, hints[f.name]) for f in dataclasses.fields(cls)}
     preset, overrides = None, {}
-    for arg in argv:
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
         if arg in ("-h", "--help"):
-            print(f"options (--key=value), presets (--preset=NAME): {sorted(presets)}")
-            for key, value in dataclasses.asdict(cls()).items():
-                print(f"  --{key}={value}")
+            print(config_help(cls, presets))
             sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"config: argument {arg!r}: expected --key=value")
-        key, text = arg[2:].split("=", 1)
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ValueError(f"config: argument {arg!r}: expected --key=value or --key value")
+        key, eq, text = arg[2:].partition("=")
+        if not eq:  # --key value
+            if not args or args[0].startswith("--"):
+                raise ValueError(f"config: argument {arg!r}: expected --key=value or --key value")
+            text = args.pop(0)
         if key == "preset":
             if text not in presets:
                 raise ValueError(f"config: --preset={text}: unknown preset; known: {sorted(presets)}")
@@ -108,6 +114,27 @@ def parse_config(cls, argv, presets=None):
             values[key] = float(value) if base is float and value is not None else value
     values.update(overrides)
     return dataclasses.replace(cls(), **values)
+
+
+_FIELD_LINE = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.*))?$")
+
+
+def config_help(cls, presets=None):
+    """The --help text: the dataclass's fields in order, each `--key=default  comment`, read from its source."""
+    defaults = dataclasses.asdict(cls())
+    lines = ["options: --key=value or --key value" + (f"; presets (--preset=NAME): {sorted(presets)}" if presets else "")]
+    try:
+        source = inspect.getsource(cls).splitlines()[1:]
+    except (OSError, TypeError):  # no source (e.g. built in a REPL): keys and defaults only
+        source = [f"    {key}: ..." for key in defaults]
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            lines.append("  " + stripped)
+        elif (m := _FIELD_LINE.match(line)) and m.group(1) in defaults:
+            option = f"    --{m.group(1)}={defaults[m.group(1)]}"
+            lines.append(f"{option:<44} {m.group(2) or ''}".rstrip())
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -145,9 +172,19 @@ def _world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _barrier():
+def barrier():
+    """Every rank waits here for the others (e.g. while rank 0 builds a file they all read). No-op alone."""
     if _world_size() > 1:
         dist.barrier()
+
+
+def all_gather_list(items):
+    """Every rank's python list, concatenated in rank order (the same list on every rank). Collective."""
+    if _world_size() == 1:
+        return list(items)
+    gathered = [None] * _world_size()
+    dist.all_gather_object(gathered, list(items))
+    return [item for rank_items in gathered for item in rank_items]
 
 
 def all_reduce(value, op="sum"):
@@ -275,15 +312,15 @@ def save_checkpoint(ckpt_dir, step, model, optimizer, extra):
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save({**extra, "step": step, "world_size": _world_size()}, os.path.join(tmp, f"extra_rank{rank}.pt"))
-    _barrier()
+    barrier()
     if rank == 0:  # the rename is the commit point: latest_checkpoint never sees a partial directory
         shutil.rmtree(path, ignore_errors=True)
         os.rename(tmp, path)
-    _barrier()
+    barrier()
     return path
 
 
@@ -316,7 +353,8 @@ def export_hf(model, processor, out_dir):
     if _rank() == 0:
         model.save_pretrained(out_dir, state_dict=state)  # transformers drops FSDP's class-name prefix itself
         processor.save_pretrained(out_dir)
-    _barrier()
+        print(f"exported {out_dir}")
+    barrier()
 
 
 # -----------------------------------------------------------------------------

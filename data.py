@@ -4,16 +4,15 @@ processor call that turns rows into model inputs, SFT label masks, and rank shar
 
 Everything that turns a row into tokens lives here so that SFT, RL and eval see the same prompt.
 
-    python data.py shapes --out=data/shapes --seed=0          # write the built-in suite (shapes.py)
-    python data.py check data/shapes/rl.json [--media_root=DIR] [--skip_bad]   # validate, count rows per type
+    python data.py --data=data/shapes/rl.json [--media_root=DIR] [--skip_bad_rows=true]  # validate, count rows
 """
-import inspect
 import json
 import math
 import os
 import re
 import sys
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 
 import av
@@ -22,6 +21,9 @@ import torch
 from PIL import Image
 from transformers.video_utils import VideoMetadata
 
+import common
+import rewards
+
 # -----------------------------------------------------------------------------
 # schema vocabulary (SPEC 1 and 3)
 
@@ -29,6 +31,8 @@ PROBLEM_TYPES = (
     "multiple choice", "numerical", "regression", "math", "OCR", "open-ended",
     "temporal grounding", "spatial grounding", "spatial-temporal grounding", "tracking", "segmentation",
 )
+# answered in text (the QA group of the paper's tables) rather than in JSON
+QA_TYPES = tuple(t for t in PROBLEM_TYPES if t not in rewards.JSON_TYPES)
 DATA_TYPES = ("image", "video", "video-image")
 
 
@@ -37,15 +41,6 @@ def task_key(problem_type, data_type):
     if problem_type == "segmentation":
         return "segmentation/video" if data_type == "video" else "segmentation/image"
     return problem_type
-
-
-def strip_answer(text):
-    """The text inside the first <answer>...</answer>, stripped; the whole stripped text when there is none."""
-    start = text.find("<answer>")
-    end = text.find("</answer>", start + 8) if start >= 0 else -1
-    if start >= 0 and end >= 0:
-        return text[start + 8:end].strip()
-    return text.strip()
 
 
 # -----------------------------------------------------------------------------
@@ -306,11 +301,11 @@ def normalise_row(row, index, path, media_root, check_media=True):
     return out
 
 
-def load_rows(path, media_root=None, skip_bad=False, check_media=True):
+def load_rows(path, media_root=None, skip_bad_rows=False, check_media=True):
     """Rows of a JSON list / JSONL file in any of the three released shapes, validated and normalised.
 
     media_root defaults to the file's directory. A bad row raises ValueError naming file, row, field, value;
-    with skip_bad=True bad rows are dropped and counted in one printed line. check_media=False only checks
+    with skip_bad_rows=True bad rows are dropped and counted in one printed line. check_media=False only checks
     that media files exist (for very large files; decoding still fails loudly later, naming the row).
     """
     media_root = os.path.dirname(os.path.abspath(path)) if media_root is None else media_root
@@ -322,7 +317,7 @@ def load_rows(path, media_root=None, skip_bad=False, check_media=True):
         try:
             rows.append(normalise_row(row, index, path, media_root, check_media))
         except ValueError as e:
-            if not skip_bad:
+            if not skip_bad_rows:
                 raise
             errors.append(str(e).removeprefix(f"{path}: "))
     if errors:
@@ -334,8 +329,8 @@ def load_rows(path, media_root=None, skip_bad=False, check_media=True):
 def ground_truth(row):
     """The bare answer text: RL `answer`, eval `solution`, SFT the assistant's <answer> (tags stripped)."""
     if row["kind"] == "sft":
-        return strip_answer(row["messages"][1]["content"])
-    return strip_answer(str(row["answer"] if row["kind"] == "rl" else row["solution"]))
+        return rewards.answer_text(row["messages"][1]["content"])
+    return rewards.answer_text(str(row["answer"] if row["kind"] == "rl" else row["solution"]))
 
 
 # -----------------------------------------------------------------------------
@@ -357,6 +352,11 @@ class MediaConfig:
 
 
 EVAL_MEDIA = MediaConfig(video_max_pixels=256 * 32 * 32, image_max_pixels=1024 * 32 * 32)  # SPEC 2: eval
+
+
+def media_config(cfg):
+    """A script's MediaConfig: its config's fields of the same names, MediaConfig's defaults for the others."""
+    return MediaConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MediaConfig) if hasattr(cfg, f.name)})
 
 
 def fit_size(height, width, min_pixels, max_pixels):
@@ -628,31 +628,19 @@ class ShardedSampler:
 
 
 # -----------------------------------------------------------------------------
-# CLI
-
-def parse_flags(argv, allowed):
-    """--key=value flags -> dict (ints where they parse); unknown keys exit with the allowed list."""
-    flags = {}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in allowed:
-            sys.exit(f"unknown argument {arg!r}; allowed: {', '.join('--' + k for k in allowed)}")
-        flags[key] = number(value) if eq else True
-    return flags
+# CLI: validate a data file
 
 
-def number(text):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+@dataclass
+class Config:
+    data: str = "data/shapes/rl.json"  # a JSON list or JSONL file in any of the three released shapes
+    media_root: str | None = None  # folder the media paths are relative to; None: the data file's folder
+    skip_bad_rows: bool = False  # count and drop malformed rows instead of stopping at the first
 
 
-def check_file(path, media_root=None, skip_bad=False):
+def check_file(path, media_root=None, skip_bad_rows=False):
     """Validate a file and print its row counts per kind / problem_type / data_type."""
-    rows = load_rows(path, media_root=media_root, skip_bad=skip_bad)
+    rows = load_rows(path, media_root=media_root, skip_bad_rows=skip_bad_rows)
     counts = Counter((row["kind"], row["problem_type"], row["data_type"]) for row in rows)
     print(f"{path}: {len(rows)} rows, {sum(len(row['media']) for row in rows)} media files")
     for (kind, problem_type, data_type), n in sorted(counts.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -661,13 +649,5 @@ def check_file(path, media_root=None, skip_bad=False):
 
 
 if __name__ == "__main__":
-    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else (None, [])
-    if command == "shapes":
-        import shapes
-        flags = parse_flags(args, [p for p in inspect.signature(shapes.generate_suite).parameters if p != "out_dir"]
-                            + ["out"])
-        shapes.generate_suite(flags.pop("out", "data/shapes"), **flags)
-    elif command == "check" and args and not args[0].startswith("--"):
-        check_file(args[0], **parse_flags(args[1:], ["media_root", "skip_bad"]))
-    else:
-        sys.exit(__doc__)
+    cfg = common.parse_config(Config, sys.argv[1:])
+    check_file(cfg.data, cfg.media_root, cfg.skip_bad_rows)

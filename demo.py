@@ -62,7 +62,7 @@ PY = sys.executable
 # at 1.0 the samples score far below the greedy answer (segmentation 0.10 against 0.23) and RL raised the sampled
 # reward on every task while greedy accuracy fell on 4 of 6; at 0.7 greedy accuracy rose on all dense tasks.
 # The update's log-probs stay those of temperature 1 (rollout.py): it sharpens the policy toward the better samples.
-RL_ARGS = ["--prompts_per_step=16", "--n=8", "--micro_batch_prompts=8", "--freeze_vision=true",
+RL_ARGS = ["--prompts_per_step=16", "--group_size=8", "--micro_batch_prompts=8", "--freeze_vision=true",
            "--max_refill_tries=2", "--temperature=0.7"]
 
 
@@ -170,7 +170,7 @@ def main(argv):
     eval_file = os.path.join(data_dir, "eval.json")
 
     # --- data and the tiny model
-    run([PY, "data.py", "shapes", f"--out={data_dir}", f"--seed={cfg.seed}", f"--n_sft={cfg.n_sft}",
+    run([PY, "shapes.py", f"--out={data_dir}", f"--seed={cfg.seed}", f"--n_sft={cfg.n_sft}",
          f"--n_rl={cfg.n_rl}", f"--n_eval={cfg.n_eval}", f"--tasks={cfg.tasks}"], eval_file)
     run([PY, "model.py", f"--out={model_dir}", f"--data={data_dir}", f"--seed={cfg.seed}"],
         os.path.join(model_dir, "config.json"))

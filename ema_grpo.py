@@ -12,7 +12,8 @@ The release keeps the tracker in one process and resets it on resume; here it is
 import math
 
 import torch
-import torch.distributed as dist
+
+import common
 
 # -----------------------------------------------------------------------------
 # the per-task EMA of the score moments (SPEC 5 steps 2-3)
@@ -31,11 +32,8 @@ class TaskEMA:
 
         A collective under torch.distributed: every rank must call it, each with its own local scores.
         """
-        pairs = list(zip(task_keys, torch.as_tensor(scores, dtype=torch.float64).tolist(), strict=True))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, pairs)
-            pairs = [pair for rank_pairs in gathered for pair in rank_pairs]
+        pairs = common.all_gather_list(zip(task_keys, torch.as_tensor(scores, dtype=torch.float64).tolist(),
+                                           strict=True))
         by_task = {}
         for key, score in pairs:
             by_task.setdefault(key, []).append(score)

@@ -27,6 +27,7 @@ The release's evaluation faults this file avoids (SPEC 7): its box IoU crashes o
 segmentation averages drop failed samples; its multiple-choice score reads the first character (here it is the
 training reward's grade_answer).
 """
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,6 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -47,11 +47,29 @@ import common
 import data
 import rewards
 import rollout
-from data import rle_decode, strip_answer, task_key
-from model import ensure_model, load_model
+import model as model_lib
+from data import QA_TYPES, rle_decode, task_key
 from rewards import box_iou, extract_answer, is_number_list, normalize_tags, parse_json_answer, temporal_iou
 
-QA_TYPES = ("multiple choice", "numerical", "regression", "math", "OCR", "open-ended")
+
+@dataclass
+class Config:
+    model: str = model_lib.DEFAULT_MODEL_DIR  # a save_pretrained directory; the default tiny model is built if missing
+    data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
+    media_root: str | None = None  # folder the rows' media paths are relative to; None: each data file's folder
+    out_dir: str | None = None  # None: runs/eval/<model folder name>
+    batch_size: int = 16
+    max_new_tokens: int = 512
+    prompt_template: str | None = None  # JSON problem_type -> type line, to match a released checkpoint's prompt
+    limit: int = 0  # evaluate the first N rows of each file; 0 = all
+    bf16: bool = False  # bf16 weights (on GPU); fp32 otherwise
+    sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
+    sam2_checkpoint: str | None = None  # None: random weights, plumbing only
+    sam2_image_size: int | None = None  # None: 1024 with a checkpoint (SAM2's own), 512 with random weights
+    mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
+
+
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True)}  # the release's eval settings
 FAILURES = ("parse_failed", "media_missing", "sam2_failed")  # counted per task, each scores 0
 RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningless"
@@ -162,7 +180,8 @@ def media_path(row, media_root):
     return path if os.path.isabs(path) else os.path.join(media_root, path)
 
 
-def load_image(path):
+def read_rgb(path):
+    """The image file as an RGB array, at its stored size (SAM2 and the masks work in the file's pixels)."""
     with Image.open(path) as image:
         return np.array(image.convert("RGB"))  # [H, W, 3] uint8, writable (torchvision warns on read-only)
 
@@ -192,9 +211,11 @@ def write_frames(path, frame_dir):
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
-def build_sam2(checkpoint="", image_size=512, device="cpu"):
+def build_sam2(checkpoint=None, image_size=None, device="cpu"):
     """SAM2.1 Hiera-T as one video predictor; image rows reuse its weights through SAM2ImagePredictor.
-    checkpoint "": random weights (seeded), for plumbing only."""
+    checkpoint None: random weights (seeded), for plumbing only. image_size None: SAM2's own 1024 with a
+    checkpoint, 512 with random weights (fast on CPU)."""
+    image_size = image_size or (1024 if checkpoint else 512)
     from sam2.build_sam import build_sam2_video_predictor
     from sam2.sam2_image_predictor import SAM2ImagePredictor
     with torch.random.fork_rng(devices=[]):
@@ -249,19 +270,19 @@ def sam2_video_masks(sam2, frame_dir, key_frame, answer):
 # one row -> its metric parts (JSON-serialisable; failures score 0 and set their flag)
 
 
-def ground_truth(row):
-    """The ground-truth answer text: eval rows call it `solution`, RL rows `answer` (SPEC 1)."""
+def solution_text(row):
+    """The ground-truth answer text of a raw or loaded row: eval rows call it `solution`, RL rows `answer`
+    (SPEC 1), unwrapped from <answer> tags as the reward does."""
     truth = row.get("solution", row.get("answer"))
     if truth is None:
         raise ValueError(f"row {row.get('problem_id')!r}: no solution/answer field")
-    return strip_answer(str(truth))
+    return rewards.answer_text(str(truth))
 
 
 def answer_text(response):
     """The answer as the reward reads it (SPEC 4.1-4.3): tags normalised, the first <answer> content, or the
     whole response when there is none."""
-    response = normalize_tags(response)
-    return extract_answer(response) or response.strip()
+    return rewards.answer_text(normalize_tags(response))
 
 
 def parse_answer(text):
@@ -332,11 +353,11 @@ def failed_parts(row, flag):
 
 def gt_answer(row, field, n=None):
     """A field of the ground-truth JSON (n: a list of n numbers); malformed ground truth is a data error."""
-    gt = parse_answer(ground_truth(row))
+    gt = parse_answer(solution_text(row))
     value = gt.get(field) if gt is not None else None
     if value is None or (n is not None and not is_number_list(value, n)):
         raise ValueError(f"row {row.get('problem_id')!r}: field solution needs {field!r}"
-                         f"{f' as {n} numbers' if n else ''}: {ground_truth(row)!r}")
+                         f"{f' as {n} numbers' if n else ''}: {solution_text(row)!r}")
     return value
 
 
@@ -358,7 +379,7 @@ def score_row(row, response, media_root=".", sam2=None, variant="davis"):
     if problem_type in QA_TYPES:
         tagged = extract_answer(normalize_tags(response)) is not None
         return {**ok, "parse_failed": not tagged,
-                "accuracy": qa_accuracy(response, ground_truth(row), problem_type, data_type)}
+                "accuracy": qa_accuracy(response, solution_text(row), problem_type, data_type)}
     if problem_type == "segmentation":
         return score_segmentation(row, response, media_root, sam2, variant)
     answer = parse_answer(answer_text(response)) or {}
@@ -402,7 +423,7 @@ def score_segmentation(row, response, media_root, sam2, variant):
     if not video:
         gt = rle_decode(row["segmentation_output"])
         try:
-            image = load_image(path)
+            image = read_rgb(path)
         except Exception as e:  # noqa: BLE001  (an unreadable file counts with the missing ones)
             warnings.warn(f"row {row.get('problem_id')!r}: cannot read {path}: {e!r}")
             return failed_parts(row, "media_missing")
@@ -566,26 +587,6 @@ def format_table(metrics_by_file):
 # the driver: generate, score, resume, aggregate
 
 
-@dataclass
-class Config:
-    model: str = "runs/tiny-model"  # a save_pretrained directory; the default tiny model is built when missing
-    data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
-    media_root: str = ""  # folder the rows' media paths are relative to; "" = each data file's folder
-    out_dir: str = ""  # "" = runs/eval/<model folder name>
-    batch_size: int = 16
-    max_new_tokens: int = 512
-    prompt_template: str = ""  # JSON file problem_type -> type line, for a checkpoint trained with other wording
-    limit: int = 0  # evaluate the first N rows of each file; 0 = all
-    dtype: str = "float32"  # "bfloat16" on GPU
-    sam2_checkpoint: str = ""  # "" = random weights: plumbing only
-    sam2_image_size: int = 0  # 0 = 1024 with a checkpoint (SAM2's own), 512 with random weights (fast on CPU)
-    mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
-    sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
-
-
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, dtype="bfloat16")}  # the release's eval settings
-
-
 def read_records(folder):
     """{row index: record} from every rank's JSONL in folder; a line cut short by a crash is ignored."""
     records = {}
@@ -628,12 +629,37 @@ def load_eval_rows(path, media_root):
 def generate_batch(model, processor, rows, cfg, templates, device):
     """Greedy responses for rows whose media exist: (texts, finish reasons)."""
     inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.EVAL_MEDIA, templates).items()}
-    eos = model.generation_config.eos_token_id
     out = rollout.generate(model, inputs, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
-                           top_k=0, generator=None, eos_token_ids=eos if isinstance(eos, list) else [eos])
+                           top_k=0, generator=None, eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer))
     ids, mask = out["response_ids"].cpu(), out["response_mask"].cpu().bool()  # [B, T]
     texts = [processor.tokenizer.decode(ids[i][mask[i]], skip_special_tokens=True) for i in range(len(rows))]
     return texts, out["finish_reasons"]
+
+
+def score_record(cfg, row, index, generated, media_root, sam2_cache, device):
+    """The record of one row: its response (generated: (text, finish reason), or None when its media are
+    missing), the metric parts (SPEC 7) and the training reward's parts (SPEC 4, so eval shows what RL optimised;
+    a row never generated scores 0)."""
+    response, finish_reason = generated or ("", "media_missing")
+    if generated is None:
+        parts = failed_parts(row, "media_missing")
+    elif row["problem_type"] == "segmentation" and not cfg.sam2:
+        parts = dict.fromkeys(FAILURES, False)
+    else:
+        if row["problem_type"] == "segmentation" and "sam2" not in sam2_cache:
+            sam2_cache["sam2"] = build_sam2(cfg.sam2_checkpoint, cfg.sam2_image_size, device)
+        parts = score_row(row, response, media_root, sam2_cache.get("sam2"), cfg.mask_variant)
+    reward = rewards.score(response, solution_text(row), row["problem_type"],
+                           row.get("data_type") or "image")[1] if generated else {}
+    parts.update(reward=reward.get("overall", 0.0), format=reward.get("format", 0.0),
+                 reward_accuracy=reward.get("accuracy", 0.0))
+    return {"index": index, "problem_id": row.get("problem_id"), "problem_type": row["problem_type"],
+            "data_type": row.get("data_type", "image"), "response": response, "finish_reason": finish_reason,
+            "parts": parts, "mask_variant": cfg.mask_variant, "sam2_checkpoint": cfg.sam2_checkpoint}
+
+
+def output_dir(cfg):
+    return cfg.out_dir or os.path.join("runs", "eval", os.path.basename(os.path.normpath(cfg.model)))
 
 
 def evaluate_file(cfg, path, model, processor, templates, rank, world_size, device, sam2_cache):
@@ -641,15 +667,14 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
     media_root = cfg.media_root or os.path.dirname(os.path.abspath(path))
     rows = load_eval_rows(path, media_root)
     rows = rows[:cfg.limit] if cfg.limit else rows
-    folder = os.path.join(cfg.out_dir, os.path.splitext(os.path.basename(path))[0])
+    folder = os.path.join(output_dir(cfg), os.path.splitext(os.path.basename(path))[0])
     done = read_records(folder)
     for record in done.values():
         if (record["mask_variant"], record["sam2_checkpoint"]) != (cfg.mask_variant, cfg.sam2_checkpoint):
             raise ValueError(f"{folder}: row {record['index']} was scored with mask_variant="
                              f"{record['mask_variant']!r}, sam2_checkpoint={record['sam2_checkpoint']!r}; "
                              f"this run has {cfg.mask_variant!r}, {cfg.sam2_checkpoint!r}: use another out_dir")
-    if world_size > 1:
-        dist.barrier()  # every rank has read the finished set before any rank appends to it
+    common.barrier()  # every rank has read the finished set before any rank appends to it
     todo = [i for i in range(len(rows)) if i not in done][rank::world_size]
     os.makedirs(folder, exist_ok=True)
     shard = os.path.join(folder, f"rank{rank}.jsonl")
@@ -664,31 +689,12 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
                 if have_media else ([], [])
             generated = {i: (text, reason) for i, text, reason in zip(have_media, texts, reasons)}
             for i in batch:
-                row = rows[i]
-                response, finish_reason = generated.get(i, ("", "media_missing"))
-                if i not in generated:
-                    parts = failed_parts(row, "media_missing")
-                elif row["problem_type"] == "segmentation" and not cfg.sam2:
-                    parts = dict.fromkeys(FAILURES, False)
-                else:
-                    if row["problem_type"] == "segmentation" and "sam2" not in sam2_cache:
-                        sam2_cache["sam2"] = build_sam2(cfg.sam2_checkpoint, cfg.sam2_image_size, device)
-                    parts = score_row(row, response, media_root, sam2_cache.get("sam2"), cfg.mask_variant)
-                # the training reward too (SPEC 4), so eval shows what RL optimised; a row never generated scores 0
-                reward = rewards.score(response, ground_truth(row), row["problem_type"],
-                                       row.get("data_type") or "image")[1] if i in generated else {}
-                parts.update(reward=reward.get("overall", 0.0), format=reward.get("format", 0.0),
-                             reward_accuracy=reward.get("accuracy", 0.0))
-                record = {"index": i, "problem_id": row.get("problem_id"), "problem_type": row["problem_type"],
-                          "data_type": row.get("data_type", "image"), "response": response,
-                          "finish_reason": finish_reason, "parts": parts, "mask_variant": cfg.mask_variant,
-                          "sam2_checkpoint": cfg.sam2_checkpoint}
+                record = score_record(cfg, rows[i], i, generated.get(i), media_root, sam2_cache, device)
                 out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update(len(batch))
 
-    if world_size > 1:
-        dist.barrier()
+    common.barrier()
     if rank != 0:
         return None
     records = read_records(folder)
@@ -699,7 +705,7 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
     if any(row["problem_type"] == "segmentation" for row in rows) and cfg.sam2 and not cfg.sam2_checkpoint:
         metrics["all"]["note"] = RANDOM_SAM2_NOTE
     with open(folder + ".metrics.json", "w") as f:
-        json.dump({"data": path, "model": cfg.model, "config": vars(cfg), "metrics": metrics}, f, indent=1)
+        json.dump({"data": path, "model": cfg.model, "config": dataclasses.asdict(cfg), "metrics": metrics}, f, indent=1)
     return metrics
 
 
@@ -707,10 +713,9 @@ def main(argv):
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.mask_variant not in MASK_VARIANTS:
         raise ValueError(f"--mask_variant must be one of {MASK_VARIANTS}, got {cfg.mask_variant!r}")
-    cfg.sam2_image_size = cfg.sam2_image_size or (1024 if cfg.sam2_checkpoint else 512)
-    cfg.out_dir = cfg.out_dir or os.path.join("runs", "eval", os.path.basename(os.path.normpath(cfg.model)))
     rank, world_size, _, device = common.init_distributed()
-    model, processor = load_model(ensure_model(cfg.model), str(device), getattr(torch, cfg.dtype))
+    model, processor = model_lib.load_model(model_lib.ensure_model(cfg.model), str(device),
+                                            torch.bfloat16 if cfg.bf16 else torch.float32)
     model.eval()
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     metrics_by_file, sam2_cache = {}, {}
@@ -721,7 +726,7 @@ def main(argv):
                 metrics_by_file[path] = metrics
     if rank == 0:
         print(format_table(metrics_by_file))
-        print(f"per-row outputs and metrics JSON in {cfg.out_dir}")
+        print(f"per-row outputs and metrics JSON in {output_dir(cfg)}")
     common.cleanup()
 
 

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,6 +22,7 @@ from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrained
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+import common
 import data
 
 DEFAULT_MODEL_DIR = "runs/tiny-model"
@@ -48,16 +50,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# S trains at ~25 rows/s on 2 CPU cores on the demo's shapes mix; L is ~3x slower per step.
+# S is the demo's model; L (4x the parameters) for experiments with more CPU time
 SIZES = {
     "S": dict(hidden=128, layers=2, heads=4, kv_heads=2, mlp=384, vis_depth=2, vis_hidden=64, vis_mlp=128),
     "L": dict(hidden=256, layers=4, heads=8, kv_heads=4, mlp=768, vis_depth=4, vis_hidden=128, vis_mlp=256),
 }
 HEAD_DIM = 32
 MROPE_SECTION = [6, 5, 5]  # t, h, w frequency split; sums to HEAD_DIM / 2 as Qwen3-VL requires
-# No 2x2 merge (Qwen3-VL merges 2x2): measured on grounding alone, 600 SFT steps of 16 rows, 64 tokens per 128 px image
-# began to read where the object is (box IoU 0.21, the vertical third named right 92% of the time) while
-# 16 tokens stayed blind (IoU 0.09, every answer "middle centre").
+# No 2x2 merge (Qwen3-VL merges 2x2). Measured once in a throwaway experiment on spatial grounding alone (600 SFT
+# steps of 16 rows): with 64 tokens per 128 px image the model began to read where the object is (box IoU 0.21),
+# with 16 tokens it stayed blind (IoU 0.09, every answer "middle centre").
 PATCH, MERGE, TEMPORAL_PATCH = 16, 1, 2
 
 
@@ -106,6 +108,8 @@ def train_tokenizer(texts, vocab_size=1024):
 # model
 
 def tiny_config(tokenizer, size="S"):
+    if size not in SIZES:
+        raise ValueError(f"model size {size!r}: expected one of {sorted(SIZES)}")
     s = SIZES[size]
     vocab = (len(tokenizer) + 63) // 64 * 64  # round up: spare rows are harmless and keep matmuls aligned
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -130,7 +134,8 @@ def tiny_config(tokenizer, size="S"):
 
 
 def build_processor(tokenizer):
-    # Pixel bounds here are the processor's defaults for this model; data.py passes per-call limits (SPEC 2).
+    # data.py sizes media itself (SPEC 2 budgets) and calls the processor with do_resize=False: these bounds only
+    # apply to callers that hand the processor unsized media (for video: pixels over all frames of a clip).
     image_processor = Qwen2VLImageProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
                                             size={"shortest_edge": 32 * 32, "longest_edge": 256 * 32 * 32})
     video_processor = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
@@ -168,6 +173,14 @@ def ensure_model(path, data_dir=DEFAULT_DATA_DIR):
     return build_tiny_model(path, data_dir)
 
 
+def stop_token_ids(model, tokenizer):
+    """The token ids that end a response, for train_rl.py and eval.py alike: the checkpoint's generation_config
+    EOS ids and the tokenizer's EOS (<|im_end|>, the end of a chat turn)."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return sorted(ids | {tokenizer.eos_token_id} - {None})
+
+
 def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None):
     """(model, processor) from a local directory; flash-attn when installed on GPU, else sdpa."""
     if attn_implementation is None:
@@ -184,11 +197,14 @@ def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None
     return model.to(device), processor
 
 
+@dataclass
+class Config:
+    out: str = DEFAULT_MODEL_DIR  # where the model and processor are saved
+    data: str = DEFAULT_DATA_DIR  # the suite folder whose text trains the tokenizer
+    seed: int = 0
+    size: str = "S"  # S | L (SIZES)
+
+
 if __name__ == "__main__":
-    args = dict(out=DEFAULT_MODEL_DIR, data=DEFAULT_DATA_DIR, seed="0", size="S")
-    for arg in sys.argv[1:]:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in args or not value:
-            sys.exit(f"usage: python model.py [--out=DIR] [--data=DIR] [--seed=N] [--size=S|L]; got {arg!r}")
-        args[key] = value
-    build_tiny_model(args["out"], args["data"], int(args["seed"]), args["size"])
+    cfg = common.parse_config(Config, sys.argv[1:])
+    build_tiny_model(cfg.out, cfg.data, cfg.seed, cfg.size)

@@ -94,6 +94,12 @@ def extract_answer(text):
     return text[start + 8:end].strip() if end >= 0 else None
 
 
+def answer_text(text):
+    """What accuracy is computed on: the text inside the first <answer>...</answer>, or the whole stripped text
+    when there is no such pair or it is empty (release). Ground truths and, after normalize_tags, responses."""
+    return extract_answer(text) or text.strip()
+
+
 def parse_json_answer(text):
     """The JSON value of an answer, or None when it is not JSON (NaN and Infinity are accepted, as json does)."""
     try:
@@ -445,20 +451,25 @@ def structure_bonus(problem_type, data_type, pred, gt):
 def score(response, ground_truth, problem_type, data_type, *, format_weight=0.1, math_timeout=MATH_TIMEOUT_S):
     """(overall, parts) for one response; parts has overall, format, accuracy, structure_reward (SPEC 4)."""
     response = normalize_tags(response)
-    gt = extract_answer(ground_truth) or ground_truth.strip()  # a ground truth wrapped in <answer> tags is unwrapped
+    gt = answer_text(ground_truth)  # a ground truth wrapped in <answer> tags is unwrapped
     problem_type, data_type = problem_type.lower(), data_type.lower()
     fmt = format_reward(response)
     tagged = extract_answer(response)
     # release: without an answer tag (or with an empty one) accuracy is computed on the whole response,
     # while the structure bonus sees an empty answer
-    answer = tagged or response.strip()
+    answer = answer_text(response)
     pred_obj = gt_obj = None
     if problem_type in JSON_TYPES:
         pred_obj, gt_obj = parse_json_answer(answer), parse_json_answer(gt)
     acc = _unit(accuracy(answer, gt, problem_type, data_type, pred_obj, gt_obj, math_timeout))
     structure = structure_bonus(problem_type, data_type, pred_obj if tagged else None, gt_obj) if fmt else 0.0
-    overall = (1.0 - format_weight) * acc + format_weight * fmt + structure
+    overall = overall_reward(acc, fmt, structure, format_weight)
     return overall, {"overall": overall, "format": fmt, "accuracy": acc, "structure_reward": structure}
+
+
+def overall_reward(accuracy, fmt, structure, format_weight=0.1):
+    """SPEC 4.6: (1 - format_weight) x accuracy + format_weight x format + structure (0.9 / 0.1 released)."""
+    return (1.0 - format_weight) * accuracy + format_weight * fmt + structure
 
 
 def compute_score(items, format_weight=0.1, *, reward_model_url=None, reward_model_name=POLAR_MODEL,
@@ -483,7 +494,7 @@ def compute_score(items, format_weight=0.1, *, reward_model_url=None, reward_mod
         results.append(parts)
         if reward_model_url and fields["problem_type"].lower() == "open-ended":
             rm_queue.append({"index": i, "prompt": item.get("problem") or "",
-                             "reference": extract_answer(fields["ground_truth"]) or fields["ground_truth"].strip(),
+                             "reference": answer_text(fields["ground_truth"]),
                              "output": extract_answer(normalize_tags(fields["response"])) or "",
                              "problem_id": item.get("problem_id")})
     if rm_queue:
@@ -494,8 +505,8 @@ def compute_score(items, format_weight=0.1, *, reward_model_url=None, reward_mod
         for q, s in zip(rm_queue, scores):
             parts = results[q["index"]]
             parts["accuracy"] = _unit(s)
-            parts["overall"] = ((1.0 - format_weight) * parts["accuracy"] + format_weight * parts["format"]
-                                + parts["structure_reward"])
+            parts["overall"] = overall_reward(parts["accuracy"], parts["format"], parts["structure_reward"],
+                                              format_weight)
     return results
 
 

@@ -184,10 +184,12 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
              eos_token_ids):
     """n samples for each of the B left-padded prompts in `inputs` (the HF forward's dict of tensors).
 
-    Returns prompt_ids [B, P], prompt_mask [B, P], response_ids [B*n, T] (T = longest response; padded with
-    eos_token_ids[0] after a row's end), logprobs [B*n, T] (raw log-probs of the sampled tokens, 0 on padding),
-    response_mask [B*n, T] (1 up to and including the stop token) and finish_reasons, "stop" (an EOS id was
-    sampled) or "length". Row i*n+j is sample j of prompt i. An empty eos_token_ids never stops early.
+    Returns response_ids [B*n, T] (T = longest response; padded with eos_token_ids[0] after a row's end),
+    response_mask [B*n, T] (1 up to and including the stop token), finish_reasons ("stop": an EOS id was sampled,
+    "length": max_new_tokens ran out; train_rl logs the truncated share) and logprobs [B*n, T] (raw log-probs of
+    the sampled tokens, 0 on padding: the sampler's own view, which the tests hold equal to token_logprobs;
+    train_rl recomputes old log-probs with the training forward, as released). Row i*n+j is sample j of prompt
+    i. An empty eos_token_ids never stops early.
     `generator` (a torch.Generator on the model's device, or None for the global RNG) is used only by `sample`.
     With the same seed, generate(inputs, n=k) == generate(repeat_inputs(inputs, k), n=1) (see `sample`).
     """
@@ -205,7 +207,7 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
     lengths = torch.full((B * n,), max_new_tokens, dtype=torch.long, device=device)  # [Bn]
     finish_reasons = ["length"] * (B * n)
     if max_new_tokens == 0:
-        return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids, logprobs=logprobs,
+        return dict(response_ids=response_ids, logprobs=logprobs,
                     response_mask=response_ids.clone().zero_(), finish_reasons=finish_reasons)
 
     # --- prefill: once per prompt, then its cache rows are copied to the n samples
@@ -248,7 +250,7 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
 
     T = int(lengths.max())
     response_mask = torch.arange(T, device=device)[None] < lengths[:, None]  # [Bn, T]
-    return dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids[:, :T],
+    return dict(response_ids=response_ids[:, :T],
                 logprobs=logprobs[:, :T], response_mask=response_mask.long(), finish_reasons=finish_reasons)
 
 

@@ -5,7 +5,6 @@ scene, written in the released schemas (SPEC 1) so the same loaders read it as t
 
     python shapes.py --out=data/shapes --seed=0                     # ~2000 SFT, 2000 RL, 300 eval rows
     python shapes.py --out=data/two --tasks=image_grounding,video_tracking   # a subset: rows alternate between them
-    python data.py shapes --out=data/shapes --seed=0                # the same, through data.py's CLI
 
 Files: sft.json (ShareGPT rows, a templated <think> rationale and the exact <answer>), rl.json (RL rows),
 eval.json (eval rows; segmentation rows carry COCO RLE masks, one per frame for video), media/<split>/*.
@@ -15,6 +14,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from multiprocessing import Pool
 
 import av
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import common
 import data
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30),
@@ -129,8 +130,8 @@ def options_for(rng, correct, pool):
 
 # -----------------------------------------------------------------------------
 # image tasks: each returns (problem, answer text, think, options, image, extra eval fields)
-# The dense tasks (grounding, segmentation, tracking) show one object: within the demo's 30 CPU minutes the tiny
-# model learns to read the prompt and copy (tracking's first box) but not to pick one object among several.
+# The dense tasks (grounding, segmentation, tracking) show one object: within the demo's CPU budget (`make demo`)
+# the tiny model learns to read the prompt and copy (tracking's first box) but not to pick one object among several.
 
 def image_multiple_choice(rng):
     objects = random_objects(rng, int(rng.integers(1, 4)))
@@ -380,13 +381,18 @@ def generate_suite(out_dir, seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2
     return counts
 
 
+@dataclass
+class Config:
+    out: str = "data/shapes"  # the suite folder: sft.json, rl.json, eval.json, media/
+    seed: int = 0  # the suite's seed; each split derives its own
+    n_sft: int = 2000
+    n_rl: int = 2000
+    n_eval: int = 300
+    workers: int = 2  # processes rendering media
+    tasks: str = "all"  # "all" or generator names, comma-separated (select_tasks)
+
+
 if __name__ == "__main__":
-    args = dict(out="data/shapes", seed=0, n_sft=2000, n_rl=2000, n_eval=300, workers=2, tasks="all")
-    for arg in sys.argv[1:]:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in args or not value:
-            sys.exit(f"usage: python shapes.py [--out=DIR] [--seed=N] [--n_sft=N] [--n_rl=N] [--n_eval=N] "
-                     f"[--workers=N] [--tasks=all|NAME,NAME...]; got {arg!r}")
-        args[key] = type(args[key])(value)
-    counts = generate_suite(args.pop("out"), **args)
+    cfg = common.parse_config(Config, sys.argv[1:])
+    counts = generate_suite(cfg.out, cfg.seed, cfg.n_sft, cfg.n_rl, cfg.n_eval, cfg.workers, cfg.tasks)
     print("wrote " + ", ".join(f"{split}: {count} rows" for split, count in counts.items()))

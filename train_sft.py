@@ -29,6 +29,10 @@ import data
 import model as model_lib
 
 
+MEDIA = data.MediaConfig()  # the media defaults (SPEC 2), named here because a field below called `data` hides
+# the module inside the class body
+
+
 @dataclass
 class Config:
     model: str = model_lib.DEFAULT_MODEL_DIR  # an HF directory; the default tiny model is built on first use
@@ -47,15 +51,16 @@ class Config:
     warmup_ratio: float = 0.02
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    freeze_vision: bool = False  # True: the vision tower and its projector (mergers) stay as they are (the
-    # release's setting for a pretrained tower; the tiny model's tower is random and must learn)
+    # True: the vision tower and its projector (mergers) stay as they are (the release's setting for a pretrained
+    # tower; the tiny model's tower is random and must learn)
+    freeze_vision: bool = False
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
     # media (SPEC 2)
-    fps: float = 2.0
-    max_frames: int = 128
-    image_max_pixels: int = 1048576
-    video_max_pixels: int = 64 * 32 * 32
+    fps: float = MEDIA.fps
+    max_frames: int = MEDIA.max_frames
+    image_max_pixels: int = MEDIA.image_max_pixels
+    video_max_pixels: int = MEDIA.video_max_pixels
     cache_inputs: bool = True  # keep rows' processor outputs in memory (media decode dominates tiny steps)
     # validation, logging, checkpoints
     val_rows: int = 128  # held out of `data` (a seeded choice) for the validation loss
@@ -69,8 +74,7 @@ PRESETS = {
     # the embedded default: the tiny S model on the shapes suite, on 2 CPU cores
     "shapes": {},
     "release": dict(max_steps=0, batch_size=128, micro_batch_size=1, lr=1e-5, weight_decay=1e-6, freeze_vision=True,
-                    grad_checkpointing=True, bf16=True, image_max_pixels=1048576, video_max_pixels=64 * 32 * 32,
-                    cache_inputs=False, val_rows=512, val_every=500, save_every=500),
+                    grad_checkpointing=True, bf16=True, cache_inputs=False, val_rows=512, val_every=500, save_every=500),
 }
 
 
@@ -128,6 +132,30 @@ def validation_loss(model, rows, processor, media_cfg, cfg, device, cache=None):
     return sums["loss"] / max(sums["tokens"], 1.0)
 
 
+def load_model(cfg, device, rank):
+    """(model, processor): the model sharded over ranks, the vision tower frozen when asked."""
+    if rank == 0:
+        model_lib.ensure_model(cfg.model)
+    common.barrier()  # the other ranks wait for the tiny model to be built
+    model, processor = model_lib.load_model(cfg.model, device=str(device))
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    return common.shard_model(model, mixed_precision=cfg.bf16), processor
+
+
+def load_split(cfg, rank, world_size):
+    """(train rows, this rank's share of the val_rows held out for the validation loss: a seeded choice)."""
+    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows)
+    bad = [r["source"] for r in rows if r["kind"] != "sft"]
+    if bad:
+        raise ValueError(f"{bad[0]}: train_sft.py needs SFT rows (messages with an assistant turn)")
+    held_out = set(np.random.default_rng(cfg.seed).permutation(len(rows))[:cfg.val_rows].tolist())
+    val_rows = [r for i, r in enumerate(rows) if i in held_out][rank::world_size]
+    return [r for i, r in enumerate(rows) if i not in held_out], val_rows
+
+
 def main(argv):
     cfg = common.parse_config(Config, argv, PRESETS)
     rank, world_size, _, device = common.init_distributed()
@@ -140,25 +168,9 @@ def main(argv):
     np.random.seed(cfg.seed)
 
     # --- model, data, optimizer
-    if rank == 0:
-        model_lib.ensure_model(cfg.model)
-    common.all_reduce(0.0)  # the other ranks wait for the tiny model to be built
-    model, processor = model_lib.load_model(cfg.model, device=str(device))
-    if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    model = common.shard_model(model, mixed_precision=cfg.bf16)
-    media_cfg = data.MediaConfig(fps=cfg.fps, max_frames=cfg.max_frames, image_max_pixels=cfg.image_max_pixels,
-                                 video_max_pixels=cfg.video_max_pixels)
-
-    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad=cfg.skip_bad_rows)
-    bad = [r["source"] for r in rows if r["kind"] != "sft"]
-    if bad:
-        raise ValueError(f"{bad[0]}: train_sft.py needs SFT rows (messages with an assistant turn)")
-    held_out = set(np.random.default_rng(cfg.seed).permutation(len(rows))[:cfg.val_rows].tolist())
-    val_rows = [r for i, r in enumerate(rows) if i in held_out][rank::world_size]
-    train_rows = [r for i, r in enumerate(rows) if i not in held_out]
+    model, processor = load_model(cfg, device, rank)
+    media_cfg = data.media_config(cfg)
+    train_rows, val_rows = load_split(cfg, rank, world_size)
     sampler = data.ShardedSampler(len(train_rows), rank, world_size, seed=cfg.seed)
     rows_per_rank = cfg.batch_size // world_size
     cache = {} if cfg.cache_inputs else None
@@ -178,10 +190,6 @@ def main(argv):
         common.set_rng_state(extra["rng"])
         if rank == 0:
             print(f"resumed from {path} at step {step}")
-
-    def save():
-        common.save_checkpoint(ckpt_dir, step, model, optimizer, {
-            "sampler": sampler.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(cfg)})
 
     n_train = sum(p.numel() for p in params)
     if rank == 0:
@@ -235,7 +243,8 @@ def main(argv):
             logger.log(step, {"val_loss": validation_loss(model, val_rows, processor, media_cfg, cfg, device, cache)})
         stop = common.all_reduce(float(sigterm.requested), "max") > 0
         if step % cfg.save_every == 0 or step == total_steps or stop:
-            save()
+            common.save_checkpoint(ckpt_dir, step, model, optimizer, {
+                "sampler": sampler.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(cfg)})
         if stop:
             if rank == 0:
                 print(f"SIGTERM: checkpoint written at step {step}; exiting")
@@ -245,8 +254,6 @@ def main(argv):
     # --- export: an HF directory that train_rl.py and eval.py start from
     if step == total_steps:
         common.export_hf(model, processor, os.path.join(cfg.out_dir, "hf"))
-        if rank == 0:
-            print(f"exported {os.path.join(cfg.out_dir, 'hf')}")
     logger.close()
     common.cleanup()
 

@@ -3,7 +3,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
@@ -11,10 +10,8 @@ import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import common
+from conftest import torchrun
 from ema_grpo import TaskEMA
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 # -----------------------------------------------------------------------------
 # a tiny random Qwen3-VL and inputs with images and videos (token ids 290-293 are the vision tokens)
@@ -271,11 +268,8 @@ def _worker(out_dir):
 
 
 def test_torchrun_fsdp_checkpoint_matches_single_process(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.abspath(__file__), str(tmp_path)]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    returncode, stderr = torchrun([os.path.abspath(__file__), str(tmp_path)])
+    assert returncode == 0, stderr[-4000:]
     assert json.load(open(tmp_path / "mixed.json")) == {"bf16_logits": 1.0, "fp32_master": 1.0, "fp32_grads": 1.0}
 
     # the same global batch in one process

@@ -109,7 +109,7 @@ def test_skip_bad_counts_and_logs(media_dir, capsys):
     rows[3]["images"] = ["nowhere.png"]
     rows[4]["images"] = ["bad.png"]
     path = write_rows(media_dir, rows)
-    loaded = data.load_rows(path, skip_bad=True)
+    loaded = data.load_rows(path, skip_bad_rows=True)
     assert [r["source"] for r in loaded] == [f"{path}: row {i}" for i in (0, 2, 5)]
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"skipped 3 of 6 rows of {path}: row 1 field 'problem_type': unknown value 'counting'")

@@ -1,7 +1,5 @@
 """eval.py: every metric against hand-computed values; SAM2 end to end on CPU at small resolution."""
 import json
-import math
-import os
 
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ from conftest import TEST_MEDIA
 from safetensors.torch import load_file
 
 import data
-import model
+import model as model_lib
 
 
 def test_save_load_round_trip_identical_logits(suite_dir, tiny, tmp_path):
@@ -16,7 +16,7 @@ def test_save_load_round_trip_identical_logits(suite_dir, tiny, tmp_path):
     rows = [data.load_rows(str(suite_dir / "rl.json"))[i] for i in (0, 2)]  # image + text, video
     tiny_model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    reloaded, reprocessor = model.load_model(str(tmp_path))
+    reloaded, reprocessor = model_lib.load_model(str(tmp_path))
     for row in rows:
         batch = data.collate([row], processor, TEST_MEDIA)
         batch2 = data.collate([row], reprocessor, TEST_MEDIA)
@@ -30,8 +30,8 @@ def weights(path):
 
 
 def test_build_is_deterministic_for_a_seed(suite_dir, model_dir, tmp_path):
-    again = model.build_tiny_model(str(tmp_path / "again"), str(suite_dir), seed=0)
-    other = model.build_tiny_model(str(tmp_path / "other"), str(suite_dir), seed=1)
+    again = model_lib.build_tiny_model(str(tmp_path / "again"), str(suite_dir), seed=0)
+    other = model_lib.build_tiny_model(str(tmp_path / "other"), str(suite_dir), seed=1)
     first, second, third = weights(model_dir), weights(again), weights(other)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -4,25 +4,23 @@ compaction, shared-prefill n-sampling equals sampling repeated prompts, the samp
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TEST_MEDIA
+from conftest import TEST_MEDIA, torchrun
 
 import data
-import model
+import model as model_lib
 import rollout
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_NEW = 16
 
 
 def peaked_model(model_dir):
     """The tiny model with its text weights re-drawn at std 0.3. At the default init (0.02) a random model
     predicts the same token at every step, which would make token-for-token comparisons vacuous."""
-    tiny_model, processor = model.load_model(model_dir)
+    tiny_model, processor = model_lib.load_model(model_dir)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in tiny_model.model.language_model.parameters():
@@ -66,7 +64,6 @@ def test_greedy_matches_hf_generate_mixed_batch(peaked, suite_dir):
     reference = hf_greedy(tiny_model, inputs, [im_end(processor)])
     assert torch.equal(out["response_ids"], reference)
     assert all(len(set(row.tolist())) > 3 for row in reference)  # the comparison is not vacuous
-    assert torch.equal(out["prompt_ids"], inputs["input_ids"]) and torch.equal(out["prompt_mask"], inputs["attention_mask"])
 
 
 @pytest.mark.parametrize("which", [(2,), (3,)])
@@ -279,11 +276,8 @@ def _worker(model_dir, suite_dir, out_dir):
 
 
 def test_fsdp_two_ranks_greedy_equals_unsharded(model_dir, suite_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.abspath(__file__), model_dir, str(suite_dir), str(tmp_path)]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")},
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
+    returncode, stderr = torchrun([os.path.abspath(__file__), model_dir, str(suite_dir), str(tmp_path)], timeout=180)
+    assert returncode == 0, stderr[-4000:]
     for rank in range(2):
         got = json.load(open(tmp_path / f"rank{rank}.json"))
         assert got["same_tokens"] and got["resharded"] and got["length"] == 8 + 8 * rank, got
