@@ -93,6 +93,8 @@ class Config:
     share_prompt: bool = True  # update forwards run each prompt once, its KV cache repeated for the group
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
+    param_dtype: str = "fp32"  # fp32 | bf16: the sharded weights' dtype; bf16 trains with common.KahanAdamW
+    dist_timeout_min: float = 30.0  # minutes a collective waits for the slowest rank before the job is killed
     # media (SPEC 2)
     fps: float = MEDIA.fps
     max_frames: int = MEDIA.max_frames
@@ -345,8 +347,9 @@ def write_samples(path, step, groups):
                                 "score": g["scores"][0]}) + "\n")
 
 
-def load_policy(cfg, device, rank):
-    """(model, reference model or None, processor): the policy sharded over ranks, its trainable parameters set."""
+def load_policy(cfg, device, rank, world_size):
+    """(model, reference model or None, processor): the policy sharded over ranks, its trainable parameters set.
+    Under torchrun rank 0 alone reads the weights (model.load_model_to_shard)."""
     model_path = cfg.model
     if not os.path.exists(os.path.join(model_path, "config.json")) and model_path == Config.model:
         model_path = model_lib.DEFAULT_MODEL_DIR
@@ -354,23 +357,26 @@ def load_policy(cfg, device, rank):
             print(f"{cfg.model} not found (run train_sft.py first): starting from the untrained {model_path}")
             model_lib.ensure_model(model_path)
         common.barrier()  # the other ranks wait for the tiny model to be built
-    model, processor = model_lib.load_model(model_path, device=str(device))
+    load_args = (model_path, str(device), common.PARAM_DTYPES[cfg.param_dtype], rank, world_size)
     ref_model = None
     if cfg.kl_coef > 0:
-        ref_model, _ = model_lib.load_model(model_path, device=str(device))
+        ref_model, full, _ = model_lib.load_model_to_shard(*load_args)
         ref_model.requires_grad_(False)
-        ref_model = common.shard_model(ref_model, mixed_precision=cfg.bf16)
+        ref_model = common.shard_model(ref_model, mixed_precision=cfg.bf16, full_model=full)
+    model, full, processor = model_lib.load_model_to_shard(*load_args)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    return common.shard_model(model, mixed_precision=cfg.bf16), ref_model, processor
+    return common.shard_model(model, mixed_precision=cfg.bf16, full_model=full), ref_model, processor
 
 
 def check_config(cfg, world_size):
     if cfg.share_prompt and cfg.grad_checkpointing:
         raise ValueError("share_prompt=true needs the prompt's KV cache, which grad_checkpointing=true drops: "
                          "turn one of them off")
+    if cfg.param_dtype not in common.PARAM_DTYPES:
+        raise ValueError(f"param_dtype={cfg.param_dtype!r}: expected one of {sorted(common.PARAM_DTYPES)}")
     if cfg.prompts_per_step % (world_size * cfg.ppo_updates):
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of world_size*ppo_updates="
                          f"{world_size}*{cfg.ppo_updates}")
@@ -381,16 +387,16 @@ def main(argv):
     if cfg.plan:
         memory.print_plan(cfg)
         return
-    rank, world_size, _, device = common.init_distributed()
+    rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     check_config(cfg, world_size)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)  # rollout sampling
 
     # --- model, optimizer, data
-    model, ref_model, processor = load_policy(cfg, device, rank)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    model, ref_model, processor = load_policy(cfg, device, rank, world_size)
+    optimizer = common.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr,
+                                       cfg.weight_decay, cfg.param_dtype)
     tracker = ema_grpo.TaskEMA(decay=cfg.ema_decay, min_std=cfg.min_std)
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     encode = functools.partial(data.collate, processor=processor, media_cfg=data.media_config(cfg),

@@ -132,17 +132,18 @@ def validation_loss(model, rows, processor, media_cfg, cfg, device, cache=None):
     return sums["loss"] / max(sums["tokens"], 1.0)
 
 
-def load_model(cfg, device, rank):
-    """(model, processor): the model sharded over ranks, the vision tower frozen when asked."""
+def load_model(cfg, device, rank, world_size):
+    """(model, processor): the model sharded over ranks (rank 0 alone reads the weights), the vision tower frozen
+    when asked."""
     if rank == 0:
         model_lib.ensure_model(cfg.model)
     common.barrier()  # the other ranks wait for the tiny model to be built
-    model, processor = model_lib.load_model(cfg.model, device=str(device))
+    model, full, processor = model_lib.load_model_to_shard(cfg.model, str(device), torch.float32, rank, world_size)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    return common.shard_model(model, mixed_precision=cfg.bf16), processor
+    return common.shard_model(model, mixed_precision=cfg.bf16, full_model=full), processor
 
 
 def load_split(cfg, rank, world_size):
@@ -168,7 +169,7 @@ def main(argv):
     np.random.seed(cfg.seed)
 
     # --- model, data, optimizer
-    model, processor = load_model(cfg, device, rank)
+    model, processor = load_model(cfg, device, rank, world_size)
     media_cfg = data.media_config(cfg)
     train_rows, val_rows = load_split(cfg, rank, world_size)
     sampler = data.ShardedSampler(len(train_rows), rank, world_size, seed=cfg.seed)

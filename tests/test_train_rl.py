@@ -276,6 +276,24 @@ def test_filter_that_keeps_nothing_skips_the_update(rl_args, model_dir, tmp_path
         assert torch.equal(p, start.state_dict()[name]), name
 
 
+def test_bf16_weights_train_two_steps(rl_args, model_dir, tmp_path):
+    """--param_dtype=bf16 (the release's bf16 weights and adamw_bf16): 2 steps on CPU update the bf16 weights; the
+    checkpoint holds KahanAdamW's bf16 moments and compensation, and the export is bf16."""
+    train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--max_steps=2", "--param_dtype=bf16", "--filter_groups=false",
+                             "--ppo_updates=1"])
+    metrics = read_metrics(tmp_path)
+    assert all(row["update_skipped"] == 0.0 and row["grad_norm"] > 0 for row in metrics.values())
+    start, _ = model_lib.load_model(model_dir, dtype=torch.bfloat16)
+    exported = exported_weights(tmp_path)
+    assert {p.dtype for p in exported.values()} == {torch.bfloat16}
+    assert any(not torch.equal(exported[name], p) for name, p in start.state_dict().items() if name in exported)
+    optimizer = common.KahanAdamW(start.parameters())
+    common.load_checkpoint(str(tmp_path / "ckpt" / "step_000002"), start, optimizer)
+    states = list(optimizer.state.values())
+    assert states and all(state["compensation"].dtype == torch.bfloat16 for state in states)
+    assert any(state["compensation"].abs().sum() > 0 for state in states)
+
+
 def test_kl_to_the_reference(rl_args, tmp_path):
     """--kl_coef > 0 loads a frozen copy of the starting model: at step 1 the policy IS the reference (k3 KL exactly
     0), after one update it is not (KL > 0, finite, and in the loss)."""
