@@ -513,6 +513,34 @@ def encode_row(row, processor, media_cfg=None, templates=None, with_answer=False
     return out
 
 
+def prompt_length(row, processor, media_cfg=None, templates=None):
+    """The prompt's length in tokens as encode_row makes it, from the media files' headers, without decoding
+    them (eval.py balances ranks and sizes batches with it): the chat text, each image's patches / merge^2
+    placeholders at load_image's size, and per frame pair of a video its placeholders at load_video's size plus
+    its timestamp and vision start/end tokens (one timestamp's length stands for all)."""
+    media_cfg = media_cfg or MediaConfig()
+    tokenizer = processor.tokenizer
+    length = len(tokenizer(prompt_text(row, processor, templates), add_special_tokens=False)["input_ids"])
+    for media_type, path in zip(row["media_types"], row["media"]):
+        length -= 1  # the one placeholder prompt_text writes for it
+        if media_type == "image":
+            config = processor.image_processor
+            with Image.open(path) as image:
+                h, w = fit_size(image.height, image.width, media_cfg.image_min_pixels, media_cfg.image_max_pixels)
+            length += h * w // (config.patch_size * config.merge_size) ** 2
+            continue
+        config = processor.video_processor
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate)
+            total = stream.frames or round(float(stream.duration * stream.time_base) * fps)
+            h, w = fit_size(stream.height, stream.width, media_cfg.video_min_pixels, media_cfg.video_max_pixels)
+        pairs = len(sample_frame_indices(total, fps, media_cfg.fps, media_cfg.max_frames)) // config.temporal_patch_size
+        stamp = len(tokenizer("<0.0 seconds><|vision_start|><|vision_end|>", add_special_tokens=False)["input_ids"])
+        length += pairs * (h * w // (config.patch_size * config.merge_size) ** 2 + stamp)
+    return length
+
+
 def collate(rows, processor, media_cfg=None, templates=None, with_answer=False, cache=None):
     """Rows -> dict of tensors for Qwen3VLForConditionalGeneration.forward, left-padded.
 

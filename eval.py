@@ -6,11 +6,14 @@ write per-row outputs and a metrics JSON, print a metric table.
     python eval.py --model=runs/tiny-model --data=data/shapes/eval.json
     python eval.py --preset=release --model=/ckpt/OneThinker-8B --data=a.json,b.json --media_root=/data/eval \
         --sam2_checkpoint=/ckpt/sam2.1_hiera_tiny.pt
-    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows sharded over ranks
+    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows shared out by tokens
+    python eval.py --preset=release --plan=true                      # its per-GPU memory plan (memory.py)
 
-Greedy decoding (SPEC 7). For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per finished row
-(response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun skips the rows
-already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
+Greedy decoding (SPEC 7). Each rank gets an equal share of the file's tokens (prompt lengths read from the media
+headers, `assign_rows`), in batches of similar lengths capped by batch_tokens (`token_batches`), so no rank waits
+long at the end-of-file barrier. For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per
+finished row (response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun
+skips the rows already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
 
 Metrics per problem_type (segmentation split into image and video): QA accuracy is the training reward's
 (rewards.py); temporal grounding mean tIoU and R@0.3/0.5/0.7; spatial grounding Acc@0.5 and mean IoU;
@@ -45,6 +48,7 @@ from tqdm import tqdm
 
 import common
 import data
+import memory
 import rewards
 import rollout
 import model as model_lib
@@ -59,17 +63,22 @@ class Config:
     media_root: str | None = None  # folder the rows' media paths are relative to; None: each data file's folder
     out_dir: str | None = None  # None: runs/eval/<model folder name>
     batch_size: int = 16
+    batch_tokens: int = 0  # cap on a batch's KV cache in token slots (memory.kv_cache_slots); 0: batch_size alone
     max_new_tokens: int = 512
     prompt_template: str | None = None  # JSON problem_type -> type line, to match a released checkpoint's prompt
     limit: int = 0  # evaluate the first N rows of each file; 0 = all
-    bf16: bool = False  # bf16 weights (on GPU); fp32 otherwise
+    bf16: bool = True  # bf16 weights on GPU (flash-attn needs them); CPU always runs fp32
+    dist_timeout_min: float = 60.0  # minutes a rank waits at a collective for the slowest one before the job dies
     sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
     sam2_checkpoint: str | None = None  # None: random weights, plumbing only
     sam2_image_size: int | None = None  # None: 1024 with a checkpoint (SAM2's own), 512 with random weights
     mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
+    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B (memory.py) and exit
 
 
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True)}  # the release's eval settings
+# the release's eval settings; batch_tokens sized by memory.py for 80 GB (`--preset=release --plan=true`): 4 rows
+# of the longest video prompt per batch (8 rows fit 141 GB: --batch_tokens=262144)
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072)}
 FAILURES = ("parse_failed", "media_missing", "sam2_failed")  # counted per task, each scores 0
 RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningless"
@@ -626,6 +635,36 @@ def load_eval_rows(path, media_root):
     return rows
 
 
+def assign_rows(costs, rank, world_size):
+    """This rank's share of the rows {index: tokens}: rows dealt most tokens first, each to the rank holding the
+    fewest tokens so far (greedy longest-processing-time), so the ranks reach the end-of-file barrier at about the
+    same time; dealing rows round-robin would give one rank all the long videos of a file sorted by length.
+    Returns the rank's indices, most tokens first (similar lengths share a batch and its padding)."""
+    loads, mine = [0] * world_size, []
+    for i in sorted(costs, key=lambda i: (-costs[i], i)):
+        least = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[least] += costs[i]
+        if least == rank:
+            mine.append(i)
+    return mine
+
+
+def token_batches(order, lengths, batch_size, batch_tokens, max_new_tokens):
+    """order (longest prompt first) cut into batches of at most batch_size rows whose KV cache can grow to at most
+    batch_tokens token slots: memory.kv_cache_slots of the generated rows, the batch's longest prompt (left padding
+    pads the others to it) and max_new_tokens (0: no cap; a row over the cap goes alone). lengths[i]: prompt
+    tokens, None for a row not generated (media missing)."""
+    batches, batch = [], []
+    for i in order:
+        rows = [j for j in batch + [i] if lengths[j] is not None]
+        slots = memory.kv_cache_slots(len(rows), max([lengths[j] for j in rows], default=0), max_new_tokens)
+        if batch and (len(batch) == batch_size or (batch_tokens and rows and slots > batch_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 def generate_batch(model, processor, rows, cfg, templates, device):
     """Greedy responses for rows whose media exist: (texts, finish reasons)."""
     inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.EVAL_MEDIA, templates).items()}
@@ -675,15 +714,17 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
                              f"{record['mask_variant']!r}, sam2_checkpoint={record['sam2_checkpoint']!r}; "
                              f"this run has {cfg.mask_variant!r}, {cfg.sam2_checkpoint!r}: use another out_dir")
     common.barrier()  # every rank has read the finished set before any rank appends to it
-    todo = [i for i in range(len(rows)) if i not in done][rank::world_size]
+    lengths = {i: None if rows[i].get("media_missing") else data.prompt_length(rows[i], processor, data.EVAL_MEDIA,
+                                                                                 templates)
+               for i in range(len(rows)) if i not in done}  # every rank computes all: the same assignment
+    todo = assign_rows({i: 0 if n is None else n + cfg.max_new_tokens for i, n in lengths.items()}, rank, world_size)
     os.makedirs(folder, exist_ok=True)
     shard = os.path.join(folder, f"rank{rank}.jsonl")
     end_with_newline(shard)
 
     with open(shard, "a") as out, \
             tqdm(total=len(todo), desc=os.path.basename(path), disable=rank != 0) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+        for batch in token_batches(todo, lengths, cfg.batch_size, cfg.batch_tokens, cfg.max_new_tokens):
             have_media = [i for i in batch if not rows[i].get("media_missing")]
             texts, reasons = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
                 if have_media else ([], [])
@@ -711,11 +752,14 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
 
 def main(argv):
     cfg = common.parse_config(Config, argv, PRESETS)
+    if cfg.plan:
+        memory.print_eval_plan(cfg)
+        return
     if cfg.mask_variant not in MASK_VARIANTS:
         raise ValueError(f"--mask_variant must be one of {MASK_VARIANTS}, got {cfg.mask_variant!r}")
-    rank, world_size, _, device = common.init_distributed()
+    rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     model, processor = model_lib.load_model(model_lib.ensure_model(cfg.model), str(device),
-                                            torch.bfloat16 if cfg.bf16 else torch.float32)
+                                            torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)
     model.eval()
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     metrics_by_file, sam2_cache = {}, {}

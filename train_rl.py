@@ -106,13 +106,18 @@ class Config:
     sample_every: int = 25  # dump a few rollouts to out_dir/samples.jsonl
     save_every: int = 50
     wandb: bool = False
-    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B on 8 x 80 GB and exit
+    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B on 8 GPUs (memory.py), exit
 
 
 PRESETS = {
     "shapes": {},
     "release": dict(max_steps=200, prompts_per_step=128, group_size=8, max_new_tokens=4096, ppo_updates=4,
-                    micro_batch_prompts=1, rollout_batch_prompts=2, lr=2e-6, weight_decay=0.01,
+                    # sized by memory.py for 8 x 80 GB (`--preset=release --plan=true` prints it): fp32 master
+                    # weights (the default) fit with 4-sequence micro-batches and one prompt per generate call,
+                    # the rollout's KV cache the peak; the release's bf16 weights (--param_dtype=bf16) save 6 GiB,
+                    # too little for 8-sequence micro-batches. On 8 x 141 GB: --micro_batch_seqs=8
+                    # --rollout_batch_prompts=2.
+                    micro_batch_seqs=4, rollout_batch_prompts=1, lr=2e-6, weight_decay=0.01,
                     grad_checkpointing=True, bf16=True,
                     share_prompt=False,  # gradient checkpointing (needed at 8B) drops the prompt's KV cache
                     balance_modalities=False, cache_inputs=False, sample_every=10, save_every=25),
@@ -385,7 +390,7 @@ def check_config(cfg, world_size):
 def main(argv):
     cfg = common.parse_config(Config, argv, PRESETS)
     if cfg.plan:
-        memory.print_plan(cfg)
+        memory.print_rl_plan(cfg)
         return
     rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     check_config(cfg, world_size)
