@@ -474,9 +474,10 @@ class MediaConfig:
 EVAL_MEDIA = MediaConfig(video_max_pixels=256 * 32 * 32, image_max_pixels=1024 * 32 * 32)  # SPEC 2: eval
 
 
-def media_config(cfg):
-    """A script's MediaConfig: its config's fields of the same names, MediaConfig's defaults for the others."""
-    return MediaConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MediaConfig) if hasattr(cfg, f.name)})
+def media_config(cfg, base=MediaConfig()):
+    """A script's MediaConfig: its config's fields of the same names, base's values for the others."""
+    return dataclasses.replace(base, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MediaConfig)
+                                        if hasattr(cfg, f.name)})
 
 
 def fit_size(height, width, min_pixels, max_pixels, fuzz=1e-6):

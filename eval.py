@@ -78,14 +78,11 @@ class Config:
     sam2_checkpoint: str | None = None  # None: random weights, plumbing only
     sam2_image_size: int | None = None  # None: 1024 with a checkpoint (SAM2's own), 512 with random weights
     mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
-    # media (SPEC 2: eval budgets; data.py's media comment)
-    fps: float = EVAL_MEDIA.fps
-    max_frames: int = EVAL_MEDIA.max_frames
+    # media: SPEC 2's eval budgets (data.EVAL_MEDIA) sized by "fit" (ours) or "qwen_vl_utils" (the release's
+    # eval: data.py's media comment), with these minimums (per image, per video frame)
+    sizing: str = EVAL_MEDIA.sizing
     image_min_pixels: int = EVAL_MEDIA.image_min_pixels
-    image_max_pixels: int = EVAL_MEDIA.image_max_pixels
-    video_min_pixels: int = EVAL_MEDIA.video_min_pixels  # per frame
-    video_max_pixels: int = EVAL_MEDIA.video_max_pixels  # per frame
-    sizing: str = EVAL_MEDIA.sizing  # fit (ours) | qwen_vl_utils (the release's eval sizing)
+    video_min_pixels: int = EVAL_MEDIA.video_min_pixels
 
 
 # the release's eval settings; its media minimums are qwen-vl-utils' defaults (eval_bench passes none): 4 merged
@@ -101,8 +98,9 @@ RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningles
 
 
 def mean_box_iou_common(pred_boxes, gt_boxes):
-    """Spatial-temporal grounding: mean box IoU over the seconds present in both (0 when none are)."""
-    seconds = [k for k in gt_boxes if k in pred_boxes]
+    """Spatial-temporal grounding: mean box IoU over the seconds present in both (0 when none are), summed in
+    the prediction's order as eval_bench sums it (the same float to the bit)."""
+    seconds = [k for k in pred_boxes if k in gt_boxes]
     return sum(box_iou(pred_boxes[k], gt_boxes[k]) for k in seconds) / len(seconds) if seconds else 0.0
 
 
@@ -648,7 +646,7 @@ def load_eval_rows(path, media_root):
 
 def generate_batch(model, processor, rows, cfg, templates, device):
     """Greedy responses for rows whose media exist: (texts, finish reasons)."""
-    inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.media_config(cfg), templates).items()}
+    inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.media_config(cfg, EVAL_MEDIA), templates).items()}
     out = rollout.generate(model, inputs, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
                            top_k=0, generator=None, eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer))
     ids, mask = out["response_ids"].cpu(), out["response_mask"].cpu().bool()  # [B, T]

@@ -11,9 +11,10 @@ assistant tokens only, vision tower and projector frozen in the release preset.
 The release preset is LLaMA-Factory's examples/train_full/onethinker_qwen3_sft.yaml: both data files, one row per
 GPU per optimizer step, each row's token-mean loss averaged over rows, vision tower and projector frozen as
 LLaMA-Factory freezes them (model.freeze_vision), its media budgets and cutoff_len 16384.
-What it leaves out of the release (LLaMA-Factory): sequence packing (we sort each step's rows by length into
-micro-batches instead and log the padding share), DeepSpeed (FSDP2 instead), liger kernels; README's table
-"What differs from the release" lists the rest.
+What it leaves out of the release (LLaMA-Factory): DeepSpeed ZeRO-3 (FSDP2 instead; the release's config packs no
+sequences and turns no liger kernels on); README's table "What differs from the release" lists the rest. With
+several rows per micro-batch (the shapes preset) a step's rows are sorted by length into micro-batches and the
+padding share is logged.
 The exported model (out_dir/hf) loads with from_pretrained and is the starting point of train_rl.py and eval.py.
 """
 import dataclasses

@@ -91,7 +91,7 @@ def test_sft_loss_is_the_assistant_token_mean(tiny, suite_dir):
                     total -= F.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
                     count += 1
         assert count == int((labels != -100).sum())
-        loss = train_sft.sft_loss(tiny_model, batch, num_tokens=count)
+        loss = train_sft.sft_loss(tiny_model, batch, count)
         assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
         # micro-batches normalised by the step's token count add up to the loss of the whole batch
