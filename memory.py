@@ -273,11 +273,9 @@ def print_rl_plan(cfg, gpus=8):
     return peak
 
 
-def print_eval_plan(cfg, media=None):
-    """Print the per-GPU plan of an eval.Config for Qwen3-VL-8B (media: data.EVAL_MEDIA's budgets); returns the peak."""
-    import data  # here, not at the top: train_rl's plan needs no data module
+def print_eval_plan(cfg, media):
+    """Print the per-GPU plan of an eval.Config for Qwen3-VL-8B (media: its data.MediaConfig); returns the peak."""
     config = qwen3_vl_8b()
-    media = media or data.EVAL_MEDIA
     P, patches = longest_prompt(config, media)
     rows, phases = eval_phases(cfg, config, media)
     print(f"eval, Qwen3-VL-8B in {'bf16' if cfg.bf16 else 'fp32'} on every GPU; longest prompt {P} tokens "
