@@ -17,6 +17,7 @@ import re
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import math_verify
@@ -33,7 +34,6 @@ import memory
 import model as model_lib
 import rewards
 import rollout
-import train_rl
 
 
 # -----------------------------------------------------------------------------
@@ -354,12 +354,13 @@ def memory_model_config(hidden, vision_hidden):
 
 
 def memory_train_config(args):
-    """The train_rl.Config the plan is asked about: the release's update settings (one prompt's 8 responses,
-    gradient checkpointing, no shared prompt) in fp32 on CPU, its media budget the bench's one image."""
-    return train_rl.Config(micro_batch_seqs=args["seqs"], group_size=args["seqs"], max_new_tokens=args["response_tokens"],
-                           share_prompt=False, grad_checkpointing=True, bf16=False, param_dtype="fp32",
-                           prompts_per_step=1, image_max_pixels=args["image_side"] ** 2, max_frames=2,
-                           video_max_pixels=32 * 32)
+    """The train_rl.Config fields the plan reads (nothing imports a trainer, so they are named here): the
+    release's update settings (one prompt's responses, gradient checkpointing, no shared prompt) in fp32 on CPU,
+    the media budget the bench's one image."""
+    return types.SimpleNamespace(micro_batch_seqs=args["seqs"], group_size=args["seqs"],
+                                 max_new_tokens=args["response_tokens"], share_prompt=False, grad_checkpointing=True,
+                                 bf16=False, param_dtype="fp32", prompts_per_step=1,
+                                 image_max_pixels=args["image_side"] ** 2, max_frames=2, video_max_pixels=32 * 32)
 
 
 def image_prompt(config, prompt_tokens, patches, gen):
