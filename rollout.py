@@ -417,7 +417,6 @@ def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
     gradient checkpointing: HF's checkpointed layers drop the cache in training mode."""
     T = response_ids.shape[1]
     counts = repeats(n, inputs["input_ids"].shape[0], response_ids.device)  # [B]
-    rows = torch.arange(len(counts), device=counts.device).repeat_interleave(counts)  # [R] the prompt of each row
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
     with hidden_states_as_logits(model):
         prompt = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
@@ -425,12 +424,15 @@ def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
         if cache is None or cache.get_seq_length() != inputs["input_ids"].shape[1]:
             raise ValueError("share_prompt: the prompt forward kept no KV cache (gradient checkpointing drops it in "
                              "training mode); turn share_prompt or gradient checkpointing off")
-        cache.batch_select_indices(rows)  # [B, heads, P, d] -> [R, heads, P, d] per layer, differentiable
-        prompt_mask = inputs["attention_mask"][rows]  # [R, P]
+        # [B, heads, P, d] -> [R, heads, P, d] per layer, differentiable. repeat_interleave, not indexing: the
+        # backward of an index with repeats summed them in an order that varied between runs on CPU (caught by
+        # tests/test_train_rl.py::test_resume_is_exact)
+        cache.batch_repeat_interleave(counts)
+        prompt_mask = inputs["attention_mask"].repeat_interleave(counts, 0)  # [R, P]
         attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [R, P+T]
         out = model(input_ids=response_ids, attention_mask=attention_mask,
                     position_ids=response_positions(prompt_mask, next_pos, counts, T), past_key_values=cache,
                     use_cache=True)
     # token 0 is predicted at the prompt's last position, token t at response position t-1
-    hidden = torch.cat([prompt.logits[rows], out.logits[:, :-1]], 1)  # [R, T, H]
+    hidden = torch.cat([prompt.logits.repeat_interleave(counts, 0), out.logits[:, :-1]], 1)  # [R, T, H]
     return sampled_logprobs(model, hidden, response_ids, response_mask)

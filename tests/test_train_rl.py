@@ -282,7 +282,8 @@ def test_bf16_weights_train_two_steps(rl_args, model_dir, tmp_path):
     train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--max_steps=2", "--param_dtype=bf16", "--filter_groups=false",
                              "--ppo_updates=1"])
     metrics = read_metrics(tmp_path)
-    assert all(row["update_skipped"] == 0.0 and row["grad_norm"] > 0 for row in metrics.values())
+    assert all(row["update_skipped"] == 0.0 for row in metrics.values())
+    assert any(row["grad_norm"] > 0 for row in metrics.values())  # a step whose rewards all tie has no gradient
     start, _ = model_lib.load_model(model_dir, dtype=torch.bfloat16)
     exported = exported_weights(tmp_path)
     assert {p.dtype for p in exported.values()} == {torch.bfloat16}
