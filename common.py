@@ -389,8 +389,8 @@ def write_manifest(path):
     """path/manifest.json: every file's size and CRC32 (collective: each rank reads a share of the files).
 
     CRC32 rather than a cryptographic hash: it catches what happens to files by accident (a truncated write, a
-    flipped block) at about twice sha256's speed (2.3 vs 1.0 GB/s on this project's CPU machine), and the
-    checkpoint write sits inside the preemption grace."""
+    flipped block) at about twice sha256's speed (README, "Faults tried"), and the checkpoint write sits inside
+    the preemption grace."""
     mine = [(name, {"size": os.path.getsize(os.path.join(path, name)), "crc32": _crc32(os.path.join(path, name))})
             for name in _checkpoint_files(path)[_rank()::_world_size()]]
     entries = dict(all_gather_list(mine))
