@@ -306,6 +306,19 @@ def inside(path, root):
     return os.path.normpath(os.path.abspath(path)).startswith(root + os.sep)
 
 
+def media_file(rel, media_type, media_root, check_media=True, allow_outside_root=False):
+    """A row's media path made absolute and checked: under media_root (unless allow_outside_root), present, and
+    (check_media) opening as an image / a video with a video stream. ValueError saying what is wrong."""
+    full = rel if os.path.isabs(rel) else os.path.join(media_root, rel)
+    if not allow_outside_root and not inside(full, media_root):
+        raise ValueError(f"{rel} leads out of media_root {media_root} (allow_media_outside_root=true allows it)")
+    if not os.path.isfile(full):
+        raise ValueError(f"missing file {full}")
+    if check_media:
+        check_media_file(full, media_type)
+    return os.path.abspath(full)
+
+
 def normalise_row(row, index, path, media_root, check_media=True, allow_outside_root=False):
     """Validate one raw row and return a copy with `kind`, `media`, `media_types`, `source` added.
 
@@ -413,17 +426,10 @@ def normalise_row(row, index, path, media_root, check_media=True, allow_outside_
     # media files exist (and open, unless told not to look inside)
     out["media"], out["media_types"] = [], []
     for field, media_type, rel in media:
-        full = rel if os.path.isabs(rel) else os.path.join(media_root, rel)
-        if not allow_outside_root and not inside(full, media_root):
-            bad(field, f"{rel} leads out of media_root {media_root} (allow_media_outside_root=true allows it)")
-        if not os.path.isfile(full):
-            bad(field, f"missing file {full}")
-        if check_media:
-            try:
-                check_media_file(full, media_type)
-            except ValueError as e:
-                bad(field, str(e))
-        out["media"].append(os.path.abspath(full))
+        try:
+            out["media"].append(media_file(rel, media_type, media_root, check_media, allow_outside_root))
+        except ValueError as e:
+            bad(field, str(e))
         out["media_types"].append(media_type)
     out["kind"] = kind
     out["source"] = where

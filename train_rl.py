@@ -459,7 +459,7 @@ def resume(cfg, ckpt_dir, model, optimizer, sampler, tracker, generator, bad_row
 def count_skipped(skipped, reward_error, update_metrics, cfg, step):
     """Steps in a row that took no update (a reward error, or every optimizer step non-finite); a run that
     cannot learn stops with an error (no export) after max_skipped_steps of them."""
-    skipped = skipped + 1 if reward_error or update_metrics.get("update_skipped") == 1.0 else 0
+    skipped = skipped + 1 if reward_error or update_metrics.get("update_skipped", 0.0) > 1.0 - 1e-9 else 0
     if cfg.max_skipped_steps and skipped >= cfg.max_skipped_steps:
         raise RuntimeError(f"step {step}: {skipped} steps in a row took no update (reward errors or non-finite "
                            f"losses, see above); stopping without an export (max_skipped_steps={cfg.max_skipped_steps})")

@@ -313,6 +313,19 @@ def test_a_run_that_cannot_learn_stops_without_an_export(rl_args, tmp_path, monk
     assert "reward_errors 1" in capfd.readouterr().out
 
 
+def test_a_nan_weight_stops_sft_without_an_export(suite_dir, model_dir, tmp_path):
+    tiny, processor = model_lib.load_model(model_dir)
+    with torch.no_grad():
+        tiny.model.language_model.norm.weight[0] = float("nan")
+    tiny.save_pretrained(tmp_path / "nan")
+    processor.save_pretrained(tmp_path / "nan")
+    with pytest.raises(RuntimeError, match="step 2: 2 non-finite steps in a row; stopping without an export"):
+        train_sft.main([f"--model={tmp_path / 'nan'}", f"--data={suite_dir / 'sft.json'}", f"--out_dir={tmp_path / 'run'}",
+                        "--max_steps=4", "--batch_size=2", "--micro_batch_size=2", "--val_rows=0", "--max_skipped_steps=2",
+                        "--image_max_pixels=6144", "--video_max_pixels=6144", "--max_frames=8"])
+    assert not (tmp_path / "run" / "hf").exists()
+
+
 def test_a_used_out_dir_is_refused_and_option_typos_stop_at_parse_time(rl_args, reference, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match=r"already holds a run \(ckpt, hf, metrics.jsonl.*--resume=true.*--overwrite"):
         train_rl.main(rl_args + [f"--out_dir={reference}"])
