@@ -358,6 +358,16 @@ def save_run(ckpt_dir, step, model, optimizer, processor, extra, cfg, resumed_fr
                            keep_last=cfg.keep_last, protect=resumed_from)
 
 
+def save_dropped_step(ckpt_dir, step, saved_step, model, optimizer, processor, extra, cfg, resumed_from):
+    """After a preemption dropped step `step + 1` (StopFlag): checkpoint the state from before it (extra, as
+    save_run takes it) unless that state is already the newest checkpoint (saved_step == step). Collective."""
+    if saved_step != step:
+        save_run(ckpt_dir, step, model, optimizer, processor, extra, cfg, resumed_from)
+    if _rank() == 0:
+        where = f"checkpoint of step {step} in {ckpt_dir}" if step else "nothing trained yet, no checkpoint"
+        print(f"SIGTERM: step {step + 1} dropped; {where}; exiting", flush=True)
+
+
 def complete_checkpoints(ckpt_dir):
     """The committed step_XXXXXX directories of ckpt_dir, newest first (.tmp and .damaged ones are not)."""
     if not os.path.isdir(ckpt_dir):

@@ -514,11 +514,8 @@ def main(argv):
                                                            generator, device, stop_ids, tokenizer, timing, stop)
         new_bad = bad_rows.report()
         if stop.drop_step():  # preempted mid-step, no time to finish it: checkpoint the state from before it
-            if saved_step != step:
-                common.save_run(ckpt_dir, step, model, optimizer, processor, data.checkpoint_state(before, bad_rows),
-                                cfg, resumed_from)
-            if rank == 0:
-                print(f"SIGTERM: step {step + 1} dropped; checkpoint of step {step} in {ckpt_dir}; exiting")
+            common.save_dropped_step(ckpt_dir, step, saved_step, model, optimizer, processor,
+                                     data.checkpoint_state(before, bad_rows), cfg, resumed_from)
             break
 
         # --- advantages: the task EMA is updated with every rank's kept scores first (SPEC 5)

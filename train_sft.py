@@ -347,11 +347,8 @@ def main(argv):
         loss_total = forward_backward(model, batches, max(counts[cfg.loss_average], 1.0), cfg, device, stop)
         if loss_total is None:
             optimizer.zero_grad(set_to_none=True)
-            if saved_step != step:
-                common.save_run(ckpt_dir, step, model, optimizer, processor, data.checkpoint_state(before, bad_rows),
-                                cfg, resumed_from)
-            if rank == 0:
-                print(f"SIGTERM: step {step + 1} dropped; checkpoint of step {step} in {ckpt_dir}; exiting")
+            common.save_dropped_step(ckpt_dir, step, saved_step, model, optimizer, processor,
+                                     data.checkpoint_state(before, bad_rows), cfg, resumed_from)
             break
 
         # --- update (a non-finite loss or gradient skips the step: never write corrupt weights)
