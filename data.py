@@ -1000,7 +1000,8 @@ class BadRows:
 def draw_rows(rows, sampler, n, encode, bad_rows):
     """n (row, encode(row)) pairs from the sampler. A row whose encode raises ValueError (the error names it) is
     recorded in bad_rows and replaced by the sampler's next row, so a batch keeps its size; a row known to be bad
-    is passed over without being decoded again. Works the same wherever encode runs (inline or in a thread)."""
+    is passed over without being decoded again. Works the same inline or in a prefetch thread that owns the
+    sampler; bad_rows.report, a collective, stays on the main thread."""
     out, failed_in_a_row = [], 0
     while len(out) < n:
         row = rows[next(sampler)]

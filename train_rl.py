@@ -30,7 +30,6 @@ reward-model client has a timeout, retries and a circuit breaker; a damaged newe
 the previous one loaded; a resume may change the number of ranks.
 """
 import collections
-import dataclasses
 import functools
 import json
 import math
