@@ -30,7 +30,8 @@ J, F, J&F for videos (DAVIS 2017 definitions; --mask_variant=release for the rel
 
 Segmentation answers are a box and points (and a keyframe for video); SAM2.1 Hiera-T turns them into masks.
 Without --sam2_checkpoint SAM2 has random weights: the plumbing runs, the masks mean nothing, and the table says
-so. Failed parses, missing media and SAM2 errors score 0 and are counted; no row leaves an average.
+so. Failed parses, missing or undecodable media, prompts too long for the context and SAM2 errors score 0 and are
+counted (the record's "error" names why); no row leaves an average.
 
 Where the scores differ from eval_bench's on purpose (README, "What differs from the release"):
 - its box IoU crashes on every valid pair (spatial grounding, spatial-temporal grounding, tracking): fixed here;
@@ -72,6 +73,7 @@ class Config:
     model: str = model_lib.DEFAULT_MODEL_DIR  # a save_pretrained directory; the default tiny model is built if missing
     data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
     media_root: str | None = None  # folder the rows' media paths are relative to; None: each data file's folder
+    allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
     out_dir: str | None = None  # None: runs/eval/<model folder name>
     batch_size: int = 16
     batch_tokens: int = 0  # cap on a batch's KV cache in token slots (memory.kv_cache_slots); 0: batch_size alone
@@ -97,7 +99,9 @@ class Config:
 # 4 rows of the longest video prompt per batch (8 fit 141 GB: --batch_tokens=262144)
 PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072, prompt_template="release",
                            sizing="qwen_vl_utils", image_min_pixels=4 * 32 * 32, video_min_pixels=128 * 32 * 32)}
-FAILURES = ("parse_failed", "media_missing", "sam2_failed")  # counted per task, each scores 0
+# counted per task, each scores 0: no parsable answer; media missing or not decodable; the prompt leaves no room
+# for max_new_tokens in the model context; SAM2 raised
+FAILURES = ("parse_failed", "media_missing", "too_long", "sam2_failed")
 RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningless"
 
@@ -524,7 +528,7 @@ def mean(xs):
 
 def summarise(key, parts):
     """One task's metrics from its rows' parts; the failure counts ride along."""
-    out = {"rows": len(parts), **{flag: sum(bool(p[flag]) for p in parts) for flag in FAILURES}}
+    out = {"rows": len(parts), **{flag: sum(bool(p.get(flag)) for p in parts) for flag in FAILURES}}
     if all("reward" in p for p in parts):  # records written by eval.py; compute_metrics' parts have none
         out["reward"] = mean([p["reward"] for p in parts])
         out["format_rate"] = mean([p["format"] for p in parts])
@@ -567,7 +571,7 @@ def aggregate(rows, parts):
     by_task = defaultdict(list)
     for row, p in zip(rows, parts):
         by_task[task_key(row["problem_type"], row.get("data_type", "image"))].append(p)
-    metrics = {"all": {"rows": len(parts), **{flag: sum(bool(p[flag]) for p in parts) for flag in FAILURES}}}
+    metrics = {"all": {"rows": len(parts), **{flag: sum(bool(p.get(flag)) for p in parts) for flag in FAILURES}}}
     for key in sorted(by_task):
         metrics[key] = summarise(key, by_task[key])
     return metrics
@@ -595,7 +599,7 @@ def compute_metrics(rows, predictions, media_root=".", sam2=None, variant="davis
 
 def format_table(metrics_by_file):
     """{file: metrics} -> a printable table: one line per (file, task) with its metrics and failure counts."""
-    lines = [f"{'file':<24} {'task':<28} {'rows':>5}  {'metrics':<64} failed (parse/media/sam2)"]
+    lines = [f"{'file':<24} {'task':<28} {'rows':>5}  {'metrics':<64} failed (parse/media/too long/sam2)"]
     notes = set()
     for name, metrics in metrics_by_file.items():
         for key, values in metrics.items():
@@ -637,7 +641,7 @@ def end_with_newline(path):
                 f.write(b"\n")
 
 
-def load_eval_rows(path, media_root):
+def load_eval_rows(path, media_root, allow_outside_root=False):
     """data.load_rows's validation, except that a row with a missing media file is kept and marked
     `media_missing` (SPEC 7: it scores 0 and is counted, never dropped)."""
     rows = []
@@ -648,7 +652,7 @@ def load_eval_rows(path, media_root):
         if files and not all(os.path.isfile(f) for f in files):
             rows.append({**raw, "media_missing": True})
         else:
-            rows.append(data.normalise_row(raw, index, path, media_root))
+            rows.append(data.normalise_row(raw, index, path, media_root, allow_outside_root=allow_outside_root))
     return rows
 
 
@@ -683,22 +687,46 @@ def token_batches(order, lengths, batch_size, batch_tokens, max_new_tokens):
 
 
 def generate_batch(model, processor, rows, cfg, templates, device):
-    """Greedy responses for rows whose media exist: (texts, finish reasons)."""
-    inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.media_config(cfg, EVAL_MEDIA), templates).items()}
-    out = rollout.generate(model, inputs, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
-                           top_k=0, generator=None, eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer))
+    """Greedy responses for rows whose media exist: one {"response", "finish_reason"} per row. A row that cannot
+    be encoded is not generated: {"failed": "media_missing" (media that do not decode) or "too_long" (a prompt
+    leaving no room for max_new_tokens in the context), "error": the message naming its file and row}."""
+    context = model.config.text_config.max_position_embeddings
+    media_cfg = data.media_config(cfg, EVAL_MEDIA)
+    results, items = [None] * len(rows), {}
+    for i, row in enumerate(rows):
+        try:
+            item = data.encode_cached(row, processor, media_cfg, templates)
+        except ValueError as e:
+            results[i] = {"response": "", "finish_reason": "not generated", "failed": "media_missing", "error": str(e)}
+            continue
+        try:
+            items[i] = data.check_length(row, item, context, cfg.max_new_tokens)
+        except ValueError as e:
+            results[i] = {"response": "", "finish_reason": "not generated", "failed": "too_long", "error": str(e)}
+    for result in results:
+        if result is not None:
+            print(f"not generated, scored 0: {result['error']}", flush=True)
+    if not items:
+        return results
+    inputs = data.pad_batch(list(items.values()), processor.tokenizer.pad_token_id)
+    out = rollout.generate(model, {k: v.to(device) for k, v in inputs.items()}, n=1,
+                           max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, generator=None,
+                           eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer))
     ids, mask = out["response_ids"].cpu(), out["response_mask"].cpu().bool()  # [B, T]
-    texts = [processor.tokenizer.decode(ids[i][mask[i]], skip_special_tokens=True) for i in range(len(rows))]
-    return texts, out["finish_reasons"]
+    for j, i in enumerate(items):
+        results[i] = {"response": processor.tokenizer.decode(ids[j][mask[j]], skip_special_tokens=True),
+                      "finish_reason": out["finish_reasons"][j]}
+    return results
 
 
 def score_record(cfg, row, index, generated, media_root, sam2_cache, device):
-    """The record of one row: its response (generated: (text, finish reason), or None when its media are
+    """The record of one row: its response (generated: generate_batch's result, or None when its media are
     missing), the metric parts (SPEC 7) and the training reward's parts (SPEC 4, so eval shows what RL optimised;
     a row never generated scores 0)."""
-    response, finish_reason = generated or ("", "media_missing")
-    if generated is None:
-        parts = failed_parts(row, "media_missing")
+    generated = generated or {"response": "", "finish_reason": "media_missing", "failed": "media_missing"}
+    response, finish_reason = generated["response"], generated["finish_reason"]
+    if generated.get("failed"):
+        parts = failed_parts(row, generated["failed"])
     elif row["problem_type"] == "segmentation" and not cfg.sam2:
         parts = dict.fromkeys(FAILURES, False)
     else:
@@ -706,12 +734,13 @@ def score_record(cfg, row, index, generated, media_root, sam2_cache, device):
             sam2_cache["sam2"] = build_sam2(cfg.sam2_checkpoint, cfg.sam2_image_size, device)
         parts = score_row(row, response, media_root, sam2_cache.get("sam2"), cfg.mask_variant)
     reward = rewards.score(response, solution_text(row), row["problem_type"],
-                           row.get("data_type") or "image")[1] if generated else {}
+                           row.get("data_type") or "image")[1] if not generated.get("failed") else {}
     parts.update(reward=reward.get("overall", 0.0), format=reward.get("format", 0.0),
                  reward_accuracy=reward.get("accuracy", 0.0))
     return {"index": index, "problem_id": row.get("problem_id"), "problem_type": row["problem_type"],
             "data_type": row.get("data_type", "image"), "response": response, "finish_reason": finish_reason,
-            "parts": parts, "mask_variant": cfg.mask_variant, "sam2_checkpoint": cfg.sam2_checkpoint}
+            "parts": parts, "mask_variant": cfg.mask_variant, "sam2_checkpoint": cfg.sam2_checkpoint,
+            **({"error": generated["error"]} if "error" in generated else {})}
 
 
 def output_dir(cfg):
@@ -721,7 +750,7 @@ def output_dir(cfg):
 def evaluate_file(cfg, path, model, processor, templates, rank, world_size, device, sam2_cache):
     """Generate and score this rank's unfinished rows of one eval file; rank 0 returns the file's metrics."""
     media_root = cfg.media_root or os.path.dirname(os.path.abspath(path))
-    rows = load_eval_rows(path, media_root)
+    rows = load_eval_rows(path, media_root, cfg.allow_media_outside_root)
     rows = rows[:cfg.limit] if cfg.limit else rows
     folder = os.path.join(output_dir(cfg), os.path.splitext(os.path.basename(path))[0])
     done = read_records(folder)
@@ -743,9 +772,9 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
             tqdm(total=len(todo), desc=os.path.basename(path), disable=rank != 0) as bar:
         for batch in token_batches(todo, lengths, cfg.batch_size, cfg.batch_tokens, cfg.max_new_tokens):
             have_media = [i for i in batch if not rows[i].get("media_missing")]
-            texts, reasons = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
-                if have_media else ([], [])
-            generated = {i: (text, reason) for i, text, reason in zip(have_media, texts, reasons)}
+            results = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
+                if have_media else []
+            generated = dict(zip(have_media, results))
             for i in batch:
                 record = score_record(cfg, rows[i], i, generated.get(i), media_root, sam2_cache, device)
                 out.write(json.dumps(record) + "\n")
@@ -768,12 +797,10 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
 
 
 def main(argv):
-    cfg = common.parse_config(Config, argv, PRESETS)
+    cfg = common.parse_config(Config, argv, PRESETS, {"mask_variant": MASK_VARIANTS, "sizing": data.SIZINGS})
     if cfg.plan:
         memory.print_eval_plan(cfg, data.media_config(cfg, EVAL_MEDIA))
         return
-    if cfg.mask_variant not in MASK_VARIANTS:
-        raise ValueError(f"--mask_variant must be one of {MASK_VARIANTS}, got {cfg.mask_variant!r}")
     rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     model, processor = model_lib.load_model(model_lib.ensure_model(cfg.model), str(device),
                                             torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)

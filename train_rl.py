@@ -7,7 +7,8 @@ normalise advantages by a per-task EMA of the reward spread, and take PPO-clip s
     torchrun --nproc_per_node 2 train_rl.py --max_steps=3 --group_size=4   # FSDP2 on CPU (gloo)
     torchrun --nproc_per_node 8 train_rl.py --preset=release --model=runs/sft/hf \
         --data=/data/onethinker_rl_train.json --media_root=/data --out_dir=runs/rl
-    python train_rl.py --out_dir=runs/rl --resume=true    # continue exactly from the newest checkpoint
+    python train_rl.py --out_dir=runs/rl --resume=true    # continue exactly from the newest intact checkpoint
+    python export.py --ckpt=runs/rl/ckpt/step_000050 --out=runs/rl/hf-50   # any checkpoint -> an HF folder
     python train_rl.py --preset=release --plan=true       # the per-GPU memory plan of Qwen3-VL-8B (memory.py)
 
 One step, top to bottom: sample prompts -> roll out group_size answers each (rollout.py) -> score (rewards.py)
@@ -20,8 +21,15 @@ media where <image> / <video> stand in the problem, and EasyR1's media sizing (d
 What it leaves out of the release (EasyR1/verl): vLLM and Ray (our own KV-cache rollout on the training
 weights, one process per GPU), sequence packing / dynamic batch sizes, and the reward-model server's
 deployment (rewards.py has the client; pass --reward_model_url). KL to a reference is off, as released.
+
+Faults a long run meets, and what it does (README "Faults tried"): a row whose media do not decode or whose
+prompt leaves no room in the context is named, counted and replaced from the sampler (up to max_bad_rows, any
+number with skip_bad_rows); SIGTERM is honoured between the phases of a step (stop_grace_s); reward errors and
+non-finite updates skip the step, and max_skipped_steps of them in a row stop the run without an export; the
+reward-model client has a timeout, retries and a circuit breaker; a damaged newest checkpoint is reported and
+the previous one loaded; a resume may change the number of ranks.
 """
-import dataclasses
+import collections
 import functools
 import json
 import math
@@ -53,10 +61,14 @@ class Config:
     model: str = "runs/sft/hf"  # where train_sft.py exports; falls back to the raw tiny model if missing
     data: str = os.path.join(model_lib.DEFAULT_DATA_DIR, "rl.json")
     media_root: str | None = None  # folder the media paths are relative to; None: the data file's folder
-    skip_bad_rows: bool = False  # drop malformed rows (counted in a log line) instead of stopping
+    skip_bad_rows: bool = False  # drop malformed rows at load (counted in a log line) and any number at run time
+    max_bad_rows: int = 10  # rows failing at run time (media that do not decode, a prompt too long for the context)
+    # are named, skipped and replaced up to this many per run; past it the run stops with the list
+    allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
     prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
     out_dir: str = "runs/rl"
-    resume: bool = False
+    resume: bool = False  # continue from the newest intact checkpoint in out_dir/ckpt, on any number of ranks
+    overwrite: bool = False  # start over in an out_dir that holds a run (its checkpoints and metrics are deleted)
     seed: int = 0
     max_steps: int = 150  # rollout steps
     # rollout (SPEC 6: 128 prompts x 8, temperature 1, top_p 1, up to 4096 new tokens)
@@ -76,6 +88,11 @@ class Config:
     # reward (SPEC 4)
     format_weight: float = 0.1
     reward_model_url: str | None = None  # a vLLM /pooling endpoint serving POLAR for open-ended answers
+    reward_model_timeout: float = 30.0  # seconds per request to the reward model
+    reward_model_retries: int = 1  # retries of a failed request (backoff 1 s, 2 s, ...) before ROUGE scores the batch
+    reward_model_breaker: int = 3  # failed batches in a row that stop calls to the server for reward_model_cooldown
+    reward_model_cooldown: float = 300.0  # seconds without calls once the breaker opened (ROUGE meanwhile)
+    math_batch_timeout: float = 60.0  # seconds of symbolic checks per reward batch; past it they score 0 (counted)
     # advantages (SPEC 5)
     estimator: str = "ema_grpo"  # ema_grpo | grpo | dr_grpo
     ema_decay: float = 0.99
@@ -92,6 +109,8 @@ class Config:
     kl_coef: float = 0.0  # > 0 loads a frozen reference copy of the starting model
     kl_kind: str = "low_var_kl"  # low_var_kl | k1
     freeze_vision: bool = False  # the release trains the vision tower in RL; true: model.freeze_vision (as SFT)
+    max_skipped_steps: int = 5  # steps in a row without an update (reward error, non-finite loss) stop the run,
+    # exit non-zero and export nothing
     share_prompt: bool = True  # update forwards run each prompt once, its KV cache repeated for the group
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
@@ -104,10 +123,13 @@ class Config:
     video_max_pixels: int = MEDIA.video_max_pixels
     sizing: str = MEDIA.sizing  # fit (ours) | easyr1 (the release's RL sizing: data.py's media comment)
     cache_inputs: bool = True  # keep rows' processor outputs in memory (media decode dominates tiny steps)
-    # logging and checkpoints
+    # logging, checkpoints, preemption
     log_every: int = 1
     sample_every: int = 25  # dump a few rollouts to out_dir/samples.jsonl
     save_every: int = 50
+    keep_last: int = 2  # complete checkpoints kept (0: all); the one this run resumed from is never deleted
+    stop_grace_s: float = 20.0  # seconds from SIGTERM to a committed checkpoint (torchrun kills 30 s after
+    # SIGTERM): the step in progress is finished if it fits, else dropped at the next phase boundary (README)
     wandb: bool = False
     plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B on 8 GPUs (memory.py), exit
 
@@ -126,20 +148,26 @@ PRESETS = {
                     balance_modalities=False, cache_inputs=False, sample_every=10, save_every=25,
                     prompt_template="release", sizing="easyr1"),
 }
+CHOICES = {"estimator": ema_grpo.ESTIMATORS, "kl_kind": ema_grpo.KL_KINDS, "sizing": data.SIZINGS,
+           "param_dtype": tuple(common.PARAM_DTYPES)}
 
 
 # -----------------------------------------------------------------------------
 # one rollout step's pieces
 
-def roll_out(model, encode, rows, cfg, generator, device, stop_ids, tokenizer):
-    """Generate group_size responses for each row, rollout_batch_prompts rows per generate call (bounds the KV
-    cache). encode: rows -> model inputs (data.collate with this run's processor and media settings).
+def roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer, stop):
+    """Generate group_size responses for each (row, encoded row) of batch, rollout_batch_prompts rows per generate
+    call (bounds the KV cache). Between calls a preemption may drop the step (stop.drop_step: the groups so far
+    come back and the caller discards them).
     Returns one group per row: {"row", "texts", "response_ids" [G, T_i], "response_mask" [G, T_i], "finish"}."""
     groups, G = [], cfg.group_size
     model.eval()
-    for start in range(0, len(rows), cfg.rollout_batch_prompts):
-        chunk = rows[start:start + cfg.rollout_batch_prompts]
-        inputs = {k: v.to(device) for k, v in encode(chunk).items()}
+    for start in range(0, len(batch), cfg.rollout_batch_prompts):
+        if start and stop.drop_step():
+            break
+        chunk = batch[start:start + cfg.rollout_batch_prompts]
+        inputs = data.pad_batch([item for _, item in chunk], tokenizer.pad_token_id)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad(), common.autocast(cfg.bf16, device):
             out = rollout.generate(model, inputs, n=G, max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -147,7 +175,7 @@ def roll_out(model, encode, rows, cfg, generator, device, stop_ids, tokenizer):
         lengths = out["response_mask"].sum(1).tolist()  # [B*G]
         texts = [tokenizer.decode(ids[:length], skip_special_tokens=True)
                  for ids, length in zip(out["response_ids"].tolist(), lengths)]
-        for i, row in enumerate(chunk):
+        for i, (row, _) in enumerate(chunk):
             sl = slice(i * G, (i + 1) * G)
             length = max(lengths[sl])
             groups.append({"row": row, "texts": texts[sl],
@@ -169,7 +197,12 @@ def score_groups(groups, cfg):
               "problem": g["row"].get("problem_reserved_text", g["row"]["problem"]),
               "problem_id": str(g["row"].get("problem_id", ""))}
              for g in groups for text in g["texts"]]
-    scores = rewards.compute_score(items, cfg.format_weight, reward_model_url=cfg.reward_model_url)
+    scores = rewards.compute_score(items, cfg.format_weight, reward_model_url=cfg.reward_model_url,
+                                   reward_model_timeout=cfg.reward_model_timeout,
+                                   reward_model_retries=cfg.reward_model_retries,
+                                   reward_model_breaker=cfg.reward_model_breaker,
+                                   reward_model_cooldown=cfg.reward_model_cooldown,
+                                   math_batch_timeout=cfg.math_batch_timeout)
     for i, g in enumerate(groups):
         g["scores"] = scores[i * cfg.group_size:(i + 1) * cfg.group_size]
         for s in g["scores"]:
@@ -185,23 +218,28 @@ def keep_group(group, cfg):
     return cfg.filter_low < mean_acc < cfg.filter_high
 
 
-def collect_groups(model, encode, rows, sampler, cfg, generator, device, stop_ids, tokenizer, timing):
+def collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg, generator, device, stop_ids, tokenizer,
+                   timing, stop):
     """Rollout + reward + online filtering for one step: roll out and score batches of this rank's prompts until
     every rank holds prompts_per_step / world_size kept groups, or max_refill_tries batches ran.
 
-    Every rank then keeps the same number of groups (the smallest kept count), since each update forward is a
-    collective under FSDP. A reward failure on any rank (logged with its traceback) leaves every rank with no
-    groups: the step takes no update and training goes on.
+    Prompts come from data.draw_rows: a row that fails to encode (encode_prompt raises, naming it) is recorded in
+    bad_rows and replaced, so every batch keeps its size. Every rank then keeps the same number of groups (the
+    smallest kept count), since each update forward is a collective under FSDP. A reward failure on any rank
+    (logged with its traceback) leaves every rank with no groups: the step takes no update. A preemption that
+    drops the step (stop.drop_step, asked between generate calls and batches) returns at once, with no groups.
     Returns (kept, rolled, tried, reward_error): the kept groups, every rolled-out group of this rank (for
     logging), the prompts tried on this rank, and whether a reward raised on some rank.
     """
     per_rank = cfg.prompts_per_step // sampler.world_size
     kept, rolled, tried, reward_error = [], [], 0, False
-    while True:
+    while not stop.drop_step():
         t0 = time.perf_counter()
-        batch_rows = [rows[i] for i in sampler.next_batch(per_rank)]
-        groups = roll_out(model, encode, batch_rows, cfg, generator, device, stop_ids, tokenizer)
+        batch = data.draw_rows(rows, sampler, per_rank, encode_prompt, bad_rows)
+        groups = roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer, stop)
         timing["rollout"] += time.perf_counter() - t0
+        if stop.drop_step():
+            break
         t0 = time.perf_counter()
         try:
             score_groups(groups, cfg)
@@ -209,16 +247,16 @@ def collect_groups(model, encode, rows, sampler, cfg, generator, device, stop_id
             traceback.print_exc()
             groups, reward_error = [], True
         timing["reward"] += time.perf_counter() - t0
-        tried += len(batch_rows)
+        tried += len(batch)
         rolled += groups
         kept += [g for g in groups if keep_group(g, cfg)]
         # one decision for all ranks: a rollout runs FSDP forwards, so every rank must roll out equally often
         any_rank = common.all_reduce({"short": float(len(kept) < per_rank), "reward_error": float(reward_error)},
                                      "max")
         if any_rank["reward_error"] or not any_rank["short"] or tried // per_rank >= cfg.max_refill_tries:
-            break
-    n_groups = 0 if any_rank["reward_error"] else int(common.all_reduce(float(min(len(kept), per_rank)), "min"))
-    return kept[:n_groups], rolled, tried, bool(any_rank["reward_error"])
+            n_groups = 0 if any_rank["reward_error"] else int(common.all_reduce(float(min(len(kept), per_rank)), "min"))
+            return kept[:n_groups], rolled, tried, bool(any_rank["reward_error"])
+    return [], rolled, tried, reward_error
 
 
 def micro_batch_inputs(seqs, encode, pad_id, device):
@@ -338,14 +376,16 @@ def task_metrics(groups):
 
 
 def rollout_stats(rolled, kept, tried):
-    """Response length, truncated share (no stop token within max_new_tokens) and filter keep rate, all ranks."""
+    """Prompts rolled out, response length, truncated share (no stop token within max_new_tokens) and filter
+    keep rate, over all ranks."""
     masks = [g["response_mask"] for g in rolled]
     sums = common.all_reduce({
         "kept": float(len(kept)), "tried": float(tried), "responses": float(sum(len(m) for m in masks)),
         "tokens": float(sum(m.sum() for m in masks)),
         "truncated": float(sum(reason == "length" for g in rolled for reason in g["finish"]))})
     responses = max(sums["responses"], 1.0)
-    return {"response_length": sums["tokens"] / responses, "truncated_rate": sums["truncated"] / responses,
+    return {"prompts": sums["tried"], "response_length": sums["tokens"] / responses,
+            "truncated_rate": sums["truncated"] / responses,
             "filter_keep_rate": sums["kept"] / max(sums["tried"], 1.0)}
 
 
@@ -386,20 +426,76 @@ def check_config(cfg, world_size):
     if cfg.share_prompt and cfg.grad_checkpointing:
         raise ValueError("share_prompt=true needs the prompt's KV cache, which grad_checkpointing=true drops: "
                          "turn one of them off")
-    if cfg.param_dtype not in common.PARAM_DTYPES:
-        raise ValueError(f"param_dtype={cfg.param_dtype!r}: expected one of {sorted(common.PARAM_DTYPES)}")
     if cfg.prompts_per_step % (world_size * cfg.ppo_updates):
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} must be a multiple of world_size*ppo_updates="
                          f"{world_size}*{cfg.ppo_updates}")
 
 
+def make_encoders(cfg, processor, context):
+    """(encode, encode_prompt): rows -> the update's model inputs (data.collate); one row -> its encoded prompt
+    for the rollout, a ValueError naming the row when its media do not decode or its prompt leaves fewer than
+    max_new_tokens of the model context (data.draw_rows replaces such a row)."""
+    templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
+    cache = {} if cfg.cache_inputs else None
+    media_cfg = data.media_config(cfg)
+    encode = functools.partial(data.collate, processor=processor, media_cfg=media_cfg, templates=templates,
+                               cache=cache)
+
+    def encode_prompt(row):
+        item = data.encode_cached(row, processor, media_cfg, templates, cache=cache)
+        return data.check_length(row, item, context, cfg.max_new_tokens)
+    return encode, encode_prompt
+
+
+def reward_counters():
+    """rewards.pop_counters() summed over ranks (reward-model failures and fallbacks, symbolic timeouts)."""
+    totals = collections.Counter()
+    for key, value in common.all_gather_list(rewards.pop_counters().items()):
+        totals[key] += value
+    return dict(totals)
+
+
+def run_state(sampler, tracker, generator):
+    """What a checkpoint holds besides weights and AdamW, as of now (local and cheap: taken before every step, so
+    that a step dropped by a preemption checkpoints the state from before it)."""
+    return {"sampler": sampler.state_dict(), "ema": tracker.state_dict(), "rng": common.rng_state({"rollout": generator})}
+
+
+def resume(cfg, ckpt_dir, model, optimizer, sampler, tracker, generator, bad_rows, rank):
+    """(step, path) of the intact checkpoint this run continues from, loaded; (0, None) for a fresh start."""
+    path, extra = common.resume_checkpoint(ckpt_dir, model, optimizer) if cfg.resume else (None, None)
+    if path is None:
+        return 0, None
+    sampler.load_state_dict(extra["sampler"])
+    tracker.load_state_dict(extra["ema"])
+    common.restore_rng(extra, cfg.seed, {"rollout": generator})
+    bad_rows.errors.update(extra["bad_rows"])
+    if rank == 0:
+        print(f"resumed from {path} at step {extra['step']}" + (
+            f" (written by {extra['world_size']} ranks: weights, AdamW, task EMA and data position carried over, "
+            f"sampling reseeded)" if extra.get("resharded") else ""))
+    return extra["step"], path
+
+
+def count_skipped(skipped, reward_error, update_metrics, cfg, step):
+    """Steps in a row that took no update (a reward error, or every optimizer step non-finite); a run that
+    cannot learn stops with an error (no export) after max_skipped_steps of them."""
+    skipped = skipped + 1 if reward_error or update_metrics.get("update_skipped", 0.0) > 1.0 - 1e-9 else 0
+    if cfg.max_skipped_steps and skipped >= cfg.max_skipped_steps:
+        raise RuntimeError(f"step {step}: {skipped} steps in a row took no update (reward errors or non-finite "
+                           f"losses, see above); stopping without an export (max_skipped_steps={cfg.max_skipped_steps})")
+    return skipped
+
+
 def main(argv):
-    cfg = common.parse_config(Config, argv, PRESETS)
+    cfg = common.parse_config(Config, argv, PRESETS, CHOICES)
     if cfg.plan:
         memory.print_rl_plan(cfg)
         return
     rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     check_config(cfg, world_size)
+    common.prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    stop = common.StopFlag(cfg.stop_grace_s)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)  # rollout sampling
@@ -409,40 +505,39 @@ def main(argv):
     optimizer = common.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr,
                                        cfg.weight_decay, cfg.param_dtype)
     tracker = ema_grpo.TaskEMA(decay=cfg.ema_decay, min_std=cfg.min_std)
-    templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
-    encode = functools.partial(data.collate, processor=processor, media_cfg=data.media_config(cfg),
-                               templates=templates, cache={} if cfg.cache_inputs else None)
-    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows)
+    encode, encode_prompt = make_encoders(cfg, processor, model.config.text_config.max_position_embeddings)
+    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows,
+                          allow_outside_root=cfg.allow_media_outside_root)
     strata = [str(r["data_type"]) for r in rows] if cfg.balance_modalities else None
     sampler = data.ShardedSampler(len(rows), rank, world_size, seed=cfg.seed, strata=strata)
+    bad_rows = data.BadRows(None if cfg.skip_bad_rows else cfg.max_bad_rows)
     tokenizer = processor.tokenizer
     stop_ids = model_lib.stop_token_ids(model, tokenizer)
 
-    # stdout gets the headline numbers; metrics.jsonl and wandb get every key (per task, EMA, clip, ...)
-    logger = common.Logger(cfg.out_dir, cfg, cfg.wandb, stdout_keys=(
+    # stdout gets the headline numbers and every fault; metrics.jsonl and wandb get every key
+    logger = common.Logger(cfg.out_dir, cfg, cfg.wandb, resume=cfg.resume, stdout_keys=(
         "reward/all/", "response_length", "filter_keep_rate", "loss", "grad_norm", "update_skipped", "skip_reason",
-        "sec/"))
-    sigterm = common.install_sigterm_flag()
+        "reward_errors", "reward_counters/", "bad_rows", "sec/"))
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
-    step = 0
-    if cfg.resume and (path := common.latest_checkpoint(ckpt_dir)):
-        extra = common.load_checkpoint(path, model, optimizer)
-        step = extra["step"]
-        sampler.load_state_dict(extra["sampler"])
-        tracker.load_state_dict(extra["ema"])
-        common.set_rng_state(extra["rng"], {"rollout": generator})
-        if rank == 0:
-            print(f"resumed from {path} at step {step}")
+    step, resumed_from = resume(cfg, ckpt_dir, model, optimizer, sampler, tracker, generator, bad_rows, rank)
+    saved_step, skipped = step, 0
     if rank == 0:
         print(f"RL ({cfg.estimator}): {len(rows)} prompts, {cfg.prompts_per_step} x {cfg.group_size} per step, "
               f"{cfg.max_steps} steps, world size {world_size}, device {device}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc="rl", disable=rank != 0, dynamic_ncols=True)
     while step < cfg.max_steps:
+        stop.start_step()
+        before = run_state(sampler, tracker, generator)
         timing = {"rollout": 0.0, "reward": 0.0}  # seconds per phase of this step
 
         # --- rollout + reward + online filtering (refilled until every rank has its prompts or tries run out)
-        kept, rolled, tried, reward_error = collect_groups(model, encode, rows, sampler, cfg, generator, device,
-                                                           stop_ids, tokenizer, timing)
+        kept, rolled, tried, reward_error = collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg,
+                                                           generator, device, stop_ids, tokenizer, timing, stop)
+        new_bad = bad_rows.report()
+        if stop.drop_step():  # preempted mid-step, no time to finish it: checkpoint the state from before it
+            common.save_dropped_step(ckpt_dir, step, saved_step, model, optimizer, processor,
+                                     data.checkpoint_state(before, bad_rows), cfg, resumed_from)
+            break
 
         # --- advantages: the task EMA is updated with every rank's kept scores first (SPEC 5)
         t0 = time.perf_counter()
@@ -469,25 +564,29 @@ def main(argv):
             print(f"step {step}: non-finite loss or gradient norm: {update_metrics['update_skipped']:.0%} of the "
                   f"optimizer steps skipped")
 
-        # --- log
-        if step % cfg.log_every == 0:
+        # --- log (every step that met a bad row, too)
+        if step % cfg.log_every == 0 or new_bad:
             metrics = {"reward": task_metrics(rolled),  # every rolled-out group, before filtering
                        "ema": tracker.stats(), **rollout_stats(rolled, kept, tried),
                        "reward_errors": float(reward_error),  # 1: some rank's reward raised, no update this step
-                       "reward_counters": rewards.pop_counters(), "sec": timing, **update_metrics}
+                       "reward_counters": reward_counters(), "bad_rows": float(len(bad_rows.errors)),
+                       "sec": timing, **update_metrics}
+            if new_bad:
+                metrics["bad_rows_new"] = "; ".join(new_bad)
             if not kept:
                 metrics["skip_reason"] = "reward error" if reward_error else "no groups kept after filtering"
             logger.log(step, metrics)
         if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0 and kept:
             write_samples(os.path.join(cfg.out_dir, "samples.jsonl"), step, kept)
+        skipped = count_skipped(skipped, reward_error, update_metrics, cfg, step)
 
         # --- checkpoint
-        stop = common.all_reduce(float(sigterm.requested), "max") > 0
-        if step % cfg.save_every == 0 or step == cfg.max_steps or stop:
-            common.save_checkpoint(ckpt_dir, step, model, optimizer, {
-                "sampler": sampler.state_dict(), "ema": tracker.state_dict(),
-                "rng": common.rng_state({"rollout": generator}), "config": dataclasses.asdict(cfg)})
-        if stop:
+        stopping = stop.stop_after_step()
+        if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
+            common.save_run(ckpt_dir, step, model, optimizer, processor,
+                            data.checkpoint_state(run_state(sampler, tracker, generator), bad_rows), cfg, resumed_from)
+            saved_step = step
+        if stopping:
             if rank == 0:
                 print(f"SIGTERM: checkpoint written at step {step}; exiting")
             break

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import sys
+import types
 
 import pytest
 import torch
@@ -214,13 +215,37 @@ def test_logger_writes_jsonl_and_stdout(tmp_path, capsys):
     assert "step 1 | loss 0.5 | ema/math/std 0.25 | n 3" in out and '"steps": 3' in out
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    import wandb
+    inits = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: inits.append(kwargs) or types.SimpleNamespace(
+        log=lambda *a, **k: None, finish=lambda: None))
+    for resume in (False, True, False):
+        common.Logger(str(tmp_path), Config(), use_wandb=True, resume=resume).close()
+    first, resumed, fresh = (call["id"] for call in inits)
+    assert resumed == first and fresh != first and all(call["resume"] == "allow" for call in inits)
+
+
 def test_sigterm_flag_and_single_process_helpers():
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        flag = common.install_sigterm_flag()
-        assert not flag.requested
+        flag = common.StopFlag(grace_s=0.0)
+        flag.start_step()
+        assert not flag.requested and not flag.drop_step()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested
+        assert flag.requested and flag.drop_step()  # no time to finish the step: drop it
+        # a step whose rest fits in the grace is finished, then the run stops after it
+        flag = common.StopFlag(grace_s=3600.0)
+        flag.start_step()
+        assert not flag.stop_after_step()
+        flag.start_step()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not flag.drop_step() and flag.finish_step and flag.stop_after_step()
+        # before any step has finished its length is unknown: dropped whatever the grace
+        flag = common.StopFlag(grace_s=3600.0)
+        flag.start_step()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.drop_step()
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert common.init_distributed()[:3] == (0, 1, 0)  # not under torchrun: one process, no group

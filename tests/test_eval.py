@@ -61,7 +61,7 @@ def test_spatial_grounding_metrics_and_media_missing_counts():
     m = ev.compute_metrics(rows, predictions)
     assert m["spatial grounding"]["acc@0.5"] == 0.5
     assert m["spatial grounding"]["mean_iou"] == pytest.approx((0.5 + 0.4 + 1.0 + 0) / 4)
-    assert m["all"] == {"rows": 4, "parse_failed": 0, "media_missing": 1, "sam2_failed": 0}
+    assert m["all"] == {"rows": 4, "parse_failed": 0, "media_missing": 1, "too_long": 0, "sam2_failed": 0}
 
 
 def test_spatial_temporal_grounding_boxes_over_common_seconds():
@@ -201,7 +201,7 @@ def test_sam2_image_rows(sam2, tmp_path):
     rows = [seg("square.png"), seg("square.png"), seg("absent.png"), seg("broken.png")]
     m = ev.compute_metrics(rows, [answer(SEG_IMAGE), "<answer>{}</answer>", answer(SEG_IMAGE), answer(SEG_IMAGE)],
                            media_root=str(tmp_path), sam2=sam2)
-    assert m["all"] == {"rows": 4, "parse_failed": 1, "media_missing": 2, "sam2_failed": 0,
+    assert m["all"] == {"rows": 4, "parse_failed": 1, "media_missing": 2, "too_long": 0, "sam2_failed": 0,
                         "note": ev.RANDOM_SAM2_NOTE}
     seg_m = m["segmentation/image"]
     assert 0.0 <= seg_m["giou"] <= 0.25 and 0.0 <= seg_m["ciou"] <= 0.25  # three of four rows score 0
