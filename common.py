@@ -10,6 +10,7 @@ Conventions the trainers rely on:
   model's HF config and processor (hf_config/) and manifest.json (every file's size and CRC32).
 """
 import dataclasses
+import datetime
 import inspect
 import json
 import math
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -150,21 +151,24 @@ def config_help(cls, presets=None, choices=None):
 # torch.distributed
 
 
-def init_distributed():
+def init_distributed(timeout_min=30.0):
     """(rank, world_size, local_rank, device) from torchrun's env vars: nccl on CUDA, gloo on CPU.
 
+    timeout_min: how long a collective may wait for the slowest rank before the job is killed (NCCL's watchdog;
+    its default is 10 minutes, shorter than one rollout of long responses can take on the slowest rank).
     Without torchrun: a single process, no process group, cuda:0 if there is a GPU else cpu.
     """
     if "RANK" not in os.environ:
         return 0, 1, 0, torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    timeout = datetime.timedelta(minutes=timeout_min)
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return rank, world_size, local_rank, device
 
 
@@ -224,11 +228,17 @@ def all_reduce(value, op="sum"):
 # FSDP2
 
 
-def shard_model(model, mixed_precision):
+def shard_model(model, mixed_precision, full_model=None):
     """FSDP2 for Qwen3VLForConditionalGeneration: each text decoder layer is a unit, the root holds the rest.
 
     No-op in a single process (the plain model runs). mixed_precision: bf16 parameters in compute, fp32 gradient
-    reduction; the sharded master weights stay in their own dtype (fp32).
+    reduction; the sharded weights stay in their own dtype (fp32 masters, or bf16 with --param_dtype=bf16).
+    A model built on the meta device (model.load_model(weights=False) on every rank) is sharded as it is, then
+    filled from full_model, the loaded model on rank 0 (None on the others): each weight is broadcast from rank 0
+    into every rank's shard, so only rank 0 ever reads or holds the whole model (8 ranks loading it would hold 8
+    full copies in host memory: 35 GB each in fp32 at 8B).
+    The root unit (embeddings, vision tower, lm_head, final norm) stays gathered after forward (FSDP2's own choice
+    for the root, made explicit): rollout.token_logprobs applies lm_head after the forward returns.
     The vision tower is NOT its own unit (unlike torchtitan's habit): HF calls it once for images and again for
     videos, so ranks with different modality mixes would issue different numbers of all-gathers and hang. In the
     root unit it is gathered with the embeddings on every forward, and a rank whose batch used no vision
@@ -242,20 +252,89 @@ def shard_model(model, mixed_precision):
     """
     if _world_size() == 1:
         return model
-    mp_policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if mixed_precision else MixedPrecisionPolicy())
+    # gradients are reduced in fp32 whatever the weights' dtype (bf16 weights keep bf16 sharded gradients)
+    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision else None,
+                                     reduce_dtype=torch.float32)
     layers = model.model.language_model.layers
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed again first thing in backward: keep them gathered
         fully_shard(layer, mp_policy=mp_policy, reshard_after_forward=i < len(layers) - 1)
-    fully_shard(model, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=False)
     model.set_reduce_scatter_unused_params(True)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # sum, not mean, over ranks: the losses are already normalised by global counts (module docstring)
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)
+    if any(p.is_meta for p in model.parameters()):
+        fill_from_rank0(model, full_model)
     return model
+
+
+def fill_from_rank0(model, full_model):
+    """Materialise a model sharded on the meta device with rank 0's weights and buffers (full_model on rank 0,
+    None elsewhere). Buffers outside the state dict (the rotary inv_freq) are copied and broadcast too."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    model.to_empty(device=device)
+    full_state = full_model.state_dict() if full_model is not None else {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if full_model is not None:
+                buffer.copy_(full_model.get_buffer(name))
+            dist.broadcast(buffer, src=0)
+
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class KahanAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights, in the manner of the release's adamw_bf16 (EasyR1's AnyPrecisionAdamW): the
+    moments are bf16, and each update is added with Kahan summation, a bf16 buffer per weight keeping what
+    rounding the weight to bf16 lost, added back at the next step.
+
+    Why: at lr 2e-6 an update is about 1e-4 of the weight, below bf16's resolution (2^-8 relative), so a plain
+    bf16 AdamW leaves most weights unchanged; with the compensation the weight tracks the fp32 trajectory
+    (tests/test_common.py). The arithmetic runs in fp32, one parameter at a time; weight decay is decoupled (as
+    torch's AdamW) and compensated like the rest of the update. State: 3 x 2 bytes per parameter, against 8 for
+    fp32 AdamW moments, and the weights themselves are 2 bytes instead of 4 (memory.py).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p),
+                                 compensation=torch.zeros_like(p))
+                state["step"] += 1
+                step = state["step"].item()
+                grad = p.grad.float()
+                exp_avg = state["exp_avg"].float().lerp_(grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+                weight = p.float()
+                denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+                # AdamW's change to the weight, plus what rounding lost at earlier steps
+                delta = (exp_avg / (1 - beta1 ** step)).div_(denom).add_(weight, alpha=group["weight_decay"])
+                delta = delta.mul_(-group["lr"]).add_(state["compensation"].float())
+                p.copy_(weight + delta)
+                state["compensation"].copy_(delta.sub_(p.float() - weight))  # what this rounding lost
+
+
+def build_optimizer(params, lr, weight_decay, param_dtype):
+    """torch's AdamW (fp32 moments) for fp32 weights; KahanAdamW for bf16 weights (--param_dtype=bf16)."""
+    if param_dtype == "bf16":
+        return KahanAdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def autocast(bf16, device):

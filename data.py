@@ -22,6 +22,7 @@ import av
 import numpy as np
 import torch
 from PIL import Image
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 from transformers.video_utils import VideoMetadata
 
 import common
@@ -773,6 +774,48 @@ def encode_row(row, processor, media_cfg=None, templates=None, with_answer=False
         if key in encoded:
             out[key] = torch.as_tensor(encoded[key])
     return out
+
+
+def prompt_length(row, processor, media_cfg=None, templates=None):
+    """The prompt's length in tokens as encode_row makes it, from the media files' headers, without decoding
+    them (eval.py balances ranks and sizes batches with it): the chat text, each image's placeholders at the size
+    load_image gives it (and the processor's resize after, for the release's sizings), and per frame pair of a
+    video its placeholders at load_video's size and frame count (likewise) plus its timestamp and vision
+    start/end tokens (one timestamp's length stands for all)."""
+    media_cfg = media_cfg or MediaConfig()
+    tokenizer = processor.tokenizer
+    length = len(tokenizer(prompt_text(row, processor, templates), add_special_tokens=False)["input_ids"])
+    for media_type, path in zip(row["media_types"], row["media"]):
+        length -= 1  # the one placeholder prompt_text writes for it
+        if media_type == "image":
+            config = processor.image_processor
+            with Image.open(path) as image:
+                height, width = image.height, image.width
+            if media_cfg.sizing == "easyr1":
+                h, w = scale_into(height, width, media_cfg.image_min_pixels, media_cfg.image_max_pixels)
+            else:
+                h, w = fit_size(height, width, media_cfg.image_min_pixels, media_cfg.image_max_pixels,
+                                fuzz=1e-6 if media_cfg.sizing == "fit" else 0.0)
+            patches = h * w // config.patch_size ** 2 if media_cfg.sizing == "fit" else \
+                config.get_number_of_image_patches(h, w, {})
+            length += patches // config.merge_size ** 2
+            continue
+        config = processor.video_processor
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate)
+            total = stream.frames or round(float(stream.duration * stream.time_base) * fps)
+            height, width = stream.height, stream.width
+        frames = len(frame_indices(total, fps, media_cfg.fps, media_cfg.max_frames, media_cfg.sizing))
+        h, w = frame_size(height, width, frames, media_cfg.video_min_pixels, media_cfg.video_max_pixels,
+                          media_cfg.sizing)
+        factor = config.patch_size * config.merge_size
+        if media_cfg.sizing != "fit":  # the processor's video resize (cap_pixels_per_frame=False, as encode_row)
+            h, w = video_smart_resize(frames, h, w, config.temporal_patch_size, factor, config.size["shortest_edge"],
+                                      config.size["longest_edge"])
+        stamp = len(tokenizer("<0.0 seconds><|vision_start|><|vision_end|>", add_special_tokens=False)["input_ids"])
+        length += frames // config.temporal_patch_size * (h * w // factor ** 2 + stamp)
+    return length
 
 
 def cutoff_lengths(prompt_len, answer_len, cutoff_len):

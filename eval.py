@@ -6,11 +6,14 @@ write per-row outputs and a metrics JSON, print a metric table.
     python eval.py --model=runs/tiny-model --data=data/shapes/eval.json
     python eval.py --preset=release --model=/ckpt/OneThinker-8B --data=a.json,b.json --media_root=/data/eval \
         --sam2_checkpoint=/ckpt/sam2.1_hiera_tiny.pt
-    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows sharded over ranks
+    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows shared out by tokens
+    python eval.py --preset=release --plan=true                      # its per-GPU memory plan (memory.py)
 
-Greedy decoding (SPEC 7). For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per finished row
-(response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun skips the rows
-already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
+Greedy decoding (SPEC 7). Each rank gets an equal share of the file's tokens (prompt lengths read from the media
+headers, `assign_rows`), in batches of similar lengths capped by batch_tokens (`token_batches`), so no rank waits
+long at the end-of-file barrier. For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per
+finished row (response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun
+skips the rows already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
 
 The release preset feeds the model what the release's Evaluation/Eval/eval_bench.py fed it: the media first, then
 its prompt text (data.RELEASE_TEMPLATE), media sized by qwen-vl-utils' rules and the processor (data.py), and
@@ -57,6 +60,7 @@ from tqdm import tqdm
 
 import common
 import data
+import memory
 import rewards
 import rollout
 import model as model_lib
@@ -72,10 +76,12 @@ class Config:
     allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
     out_dir: str | None = None  # None: runs/eval/<model folder name>
     batch_size: int = 16
+    batch_tokens: int = 0  # cap on a batch's KV cache in token slots (memory.kv_cache_slots); 0: batch_size alone
     max_new_tokens: int = 512
     prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
     limit: int = 0  # evaluate the first N rows of each file; 0 = all
-    bf16: bool = False  # bf16 weights (on GPU); fp32 otherwise
+    bf16: bool = True  # bf16 weights on GPU (flash-attn needs them); CPU always runs fp32
+    dist_timeout_min: float = 60.0  # minutes a rank waits at a collective for the slowest one before the job dies
     sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
     sam2_checkpoint: str | None = None  # None: random weights, plumbing only
     sam2_image_size: int | None = None  # None: 1024 with a checkpoint (SAM2's own), 512 with random weights
@@ -85,11 +91,13 @@ class Config:
     sizing: str = EVAL_MEDIA.sizing
     image_min_pixels: int = EVAL_MEDIA.image_min_pixels
     video_min_pixels: int = EVAL_MEDIA.video_min_pixels
+    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B (memory.py) and exit
 
 
 # the release's eval settings; its media minimums are qwen-vl-utils' defaults (eval_bench passes none): 4 merged
-# tokens an image, 128 a video frame
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True, prompt_template="release",
+# tokens an image, 128 a video frame. batch_tokens sized by memory.py for 80 GB (`--preset=release --plan=true`):
+# 4 rows of the longest video prompt per batch (8 fit 141 GB: --batch_tokens=262144)
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072, prompt_template="release",
                            sizing="qwen_vl_utils", image_min_pixels=4 * 32 * 32, video_min_pixels=128 * 32 * 32)}
 # counted per task, each scores 0: no parsable answer; media missing or not decodable; the prompt leaves no room
 # for max_new_tokens in the model context; SAM2 raised
@@ -648,6 +656,36 @@ def load_eval_rows(path, media_root, allow_outside_root=False):
     return rows
 
 
+def assign_rows(costs, rank, world_size):
+    """This rank's share of the rows {index: tokens}: rows dealt most tokens first, each to the rank holding the
+    fewest tokens so far (greedy longest-processing-time), so the ranks reach the end-of-file barrier at about the
+    same time; dealing rows round-robin would give one rank all the long videos of a file sorted by length.
+    Returns the rank's indices, most tokens first (similar lengths share a batch and its padding)."""
+    loads, mine = [0] * world_size, []
+    for i in sorted(costs, key=lambda i: (-costs[i], i)):
+        least = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[least] += costs[i]
+        if least == rank:
+            mine.append(i)
+    return mine
+
+
+def token_batches(order, lengths, batch_size, batch_tokens, max_new_tokens):
+    """order (longest prompt first) cut into batches of at most batch_size rows whose KV cache can grow to at most
+    batch_tokens token slots: memory.kv_cache_slots of the generated rows, the batch's longest prompt (left padding
+    pads the others to it) and max_new_tokens (0: no cap; a row over the cap goes alone). lengths[i]: prompt
+    tokens, None for a row not generated (media missing)."""
+    batches, batch = [], []
+    for i in order:
+        rows = [j for j in batch + [i] if lengths[j] is not None]
+        slots = memory.kv_cache_slots(len(rows), max([lengths[j] for j in rows], default=0), max_new_tokens)
+        if batch and (len(batch) == batch_size or (batch_tokens and rows and slots > batch_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 def generate_batch(model, processor, rows, cfg, templates, device):
     """Greedy responses for rows whose media exist: one {"response", "finish_reason"} per row. A row that cannot
     be encoded is not generated: {"failed": "media_missing" (media that do not decode) or "too_long" (a prompt
@@ -722,15 +760,17 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
                              f"{record['mask_variant']!r}, sam2_checkpoint={record['sam2_checkpoint']!r}; "
                              f"this run has {cfg.mask_variant!r}, {cfg.sam2_checkpoint!r}: use another out_dir")
     common.barrier()  # every rank has read the finished set before any rank appends to it
-    todo = [i for i in range(len(rows)) if i not in done][rank::world_size]
+    media_cfg = data.media_config(cfg, EVAL_MEDIA)
+    lengths = {i: None if rows[i].get("media_missing") else data.prompt_length(rows[i], processor, media_cfg, templates)
+               for i in range(len(rows)) if i not in done}  # every rank computes all: the same assignment
+    todo = assign_rows({i: 0 if n is None else n + cfg.max_new_tokens for i, n in lengths.items()}, rank, world_size)
     os.makedirs(folder, exist_ok=True)
     shard = os.path.join(folder, f"rank{rank}.jsonl")
     end_with_newline(shard)
 
     with open(shard, "a") as out, \
             tqdm(total=len(todo), desc=os.path.basename(path), disable=rank != 0) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+        for batch in token_batches(todo, lengths, cfg.batch_size, cfg.batch_tokens, cfg.max_new_tokens):
             have_media = [i for i in batch if not rows[i].get("media_missing")]
             results = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
                 if have_media else []
@@ -758,9 +798,12 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
 
 def main(argv):
     cfg = common.parse_config(Config, argv, PRESETS, {"mask_variant": MASK_VARIANTS, "sizing": data.SIZINGS})
-    rank, world_size, _, device = common.init_distributed()
+    if cfg.plan:
+        memory.print_eval_plan(cfg, data.media_config(cfg, EVAL_MEDIA))
+        return
+    rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     model, processor = model_lib.load_model(model_lib.ensure_model(cfg.model), str(device),
-                                            torch.bfloat16 if cfg.bf16 else torch.float32)
+                                            torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)
     model.eval()
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     metrics_by_file, sam2_cache = {}, {}

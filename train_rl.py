@@ -99,7 +99,7 @@ class Config:
     min_std: float = 1e-3
     # policy update (SPEC 6)
     ppo_updates: int = 1  # optimizer steps per rollout step; the release: 4 (mini-batch = prompts / 4)
-    micro_batch_prompts: int = 4  # prompts (x group_size responses) per forward/backward on one rank
+    micro_batch_seqs: int = 32  # sequences (a prompt + one response) per forward/backward on one rank
     lr: float = 1e-4
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -114,6 +114,8 @@ class Config:
     share_prompt: bool = True  # update forwards run each prompt once, its KV cache repeated for the group
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
+    param_dtype: str = "fp32"  # fp32 | bf16: the sharded weights' dtype; bf16 trains with common.KahanAdamW
+    dist_timeout_min: float = 30.0  # minutes a collective waits for the slowest rank before the job is killed
     # media (SPEC 2)
     fps: float = MEDIA.fps
     max_frames: int = MEDIA.max_frames
@@ -129,19 +131,25 @@ class Config:
     stop_grace_s: float = 20.0  # seconds from SIGTERM to a committed checkpoint (torchrun kills 30 s after
     # SIGTERM): the step in progress is finished if it fits, else dropped at the next phase boundary (README)
     wandb: bool = False
-    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B on 8 x 80 GB and exit
+    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B on 8 GPUs (memory.py), exit
 
 
 PRESETS = {
     "shapes": {},
     "release": dict(max_steps=200, prompts_per_step=128, group_size=8, max_new_tokens=4096, ppo_updates=4,
-                    micro_batch_prompts=1, rollout_batch_prompts=2, lr=2e-6, weight_decay=0.01,
+                    # sized by memory.py for 8 x 80 GB (`--preset=release --plan=true` prints it): fp32 master
+                    # weights (the default) fit with 4-sequence micro-batches and one prompt per generate call,
+                    # the rollout's KV cache the peak; the release's bf16 weights (--param_dtype=bf16) save 6 GiB,
+                    # too little for 8-sequence micro-batches. On 8 x 141 GB: --micro_batch_seqs=8
+                    # --rollout_batch_prompts=2.
+                    micro_batch_seqs=4, rollout_batch_prompts=1, lr=2e-6, weight_decay=0.01,
                     grad_checkpointing=True, bf16=True,
                     share_prompt=False,  # gradient checkpointing (needed at 8B) drops the prompt's KV cache
                     balance_modalities=False, cache_inputs=False, sample_every=10, save_every=25,
                     prompt_template="release", sizing="easyr1"),
 }
-CHOICES = {"estimator": ema_grpo.ESTIMATORS, "kl_kind": ema_grpo.KL_KINDS, "sizing": data.SIZINGS}
+CHOICES = {"estimator": ema_grpo.ESTIMATORS, "kl_kind": ema_grpo.KL_KINDS, "sizing": data.SIZINGS,
+           "param_dtype": tuple(common.PARAM_DTYPES)}
 
 
 # -----------------------------------------------------------------------------
@@ -251,48 +259,63 @@ def collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg, generator
     return [], rolled, tried, reward_error
 
 
-def micro_batch_inputs(groups, encode, cfg, pad_id, device):
-    """Model inputs for a micro-batch of groups: the prompts once (token_logprobs repeats them for the group),
-    responses right-padded to the longest: (inputs, response_ids [m*G, T], response_mask [m*G, T])."""
-    inputs = encode([g["row"] for g in groups])
-    T, G = max(g["response_ids"].shape[1] for g in groups), cfg.group_size
-    response_ids = torch.full((len(groups) * G, T), pad_id, dtype=torch.long)  # [mG, T]
-    response_mask = torch.zeros(len(groups) * G, T, dtype=torch.long)  # [mG, T]
-    for i, g in enumerate(groups):
-        t = g["response_ids"].shape[1]
-        response_ids[i * G:(i + 1) * G, :t] = g["response_ids"]
-        response_mask[i * G:(i + 1) * G, :t] = g["response_mask"]
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    return inputs, response_ids.to(device), response_mask.to(device)
+def micro_batch_inputs(seqs, encode, pad_id, device):
+    """Model inputs for a micro-batch of sequences [(group, response index)] in group order: each prompt once
+    (token_logprobs repeats it for its responses), responses right-padded to the longest of them:
+    (inputs, counts [responses of each prompt], response_ids [m, T], response_mask [m, T])."""
+    groups, counts = [], []
+    for g, _ in seqs:
+        if groups and groups[-1] is g:
+            counts[-1] += 1
+        else:
+            groups.append(g)
+            counts.append(1)
+    inputs = {k: v.to(device) for k, v in encode([g["row"] for g in groups]).items()}
+    lengths = [int(g["response_mask"][j].sum()) for g, j in seqs]
+    response_ids = torch.full((len(seqs), max(lengths)), pad_id, dtype=torch.long)  # [m, T]
+    response_mask = torch.zeros(len(seqs), max(lengths), dtype=torch.long)  # [m, T]
+    for i, ((g, j), length) in enumerate(zip(seqs, lengths)):
+        response_ids[i, :length] = g["response_ids"][j, :length]
+        response_mask[i, :length] = g["response_mask"][j, :length]
+    return inputs, counts, response_ids.to(device), response_mask.to(device)
 
 
-def build_micro_batches(model, kept, encode, cfg, pad_id, device):
-    """The update's micro-batches of micro_batch_prompts groups each: inputs, responses, advantages, and the old
-    log-probs under the policy that sampled (recomputed with the training forward, as released).
+def build_mini_batches(model, kept, encode, cfg, pad_id, device):
+    """The update's data: the kept groups split into ppo_updates mini-batches (one optimizer step each), each
+    cut into micro-batches of micro_batch_seqs sequences in order, so a group's responses may span two
+    micro-batches. The loss is normalised by the mini-batch's token count, so where the cuts fall does not change
+    the step (tested). A micro-batch: inputs, counts, responses, advantages, and the old log-probs under the
+    policy that sampled (recomputed with the training forward, as released).
 
     With ppo_updates=1 the policy that sampled is the one the single update starts from: its old log-probs are
     the update's own, detached (ratio 1), so old_logp is None and ppo_step takes them there (no extra forward).
     """
-    micro_batches = []
-    for start in range(0, len(kept), cfg.micro_batch_prompts):
-        chunk = kept[start:start + cfg.micro_batch_prompts]
-        inputs, ids, mask = micro_batch_inputs(chunk, encode, cfg, pad_id, device)
-        old_logp = None
-        if cfg.ppo_updates > 1:
-            with torch.no_grad(), common.autocast(cfg.bf16, device):
-                old_logp = rollout.token_logprobs(model, inputs, ids, mask, cfg.group_size,
-                                                  cfg.share_prompt)  # [mG, T]
-        micro_batches.append({"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp,
-                              "adv": torch.cat([g["adv"] for g in chunk]).to(device).float()})  # adv [mG]
-    return micro_batches
+    per_update = max(1, math.ceil(len(kept) / cfg.ppo_updates))
+    mini_batches = []
+    for start in range(0, len(kept), per_update):
+        seqs = [(g, j) for g in kept[start:start + per_update] for j in range(cfg.group_size)]
+        micro_batches = []
+        for first in range(0, len(seqs), cfg.micro_batch_seqs):
+            chunk = seqs[first:first + cfg.micro_batch_seqs]
+            inputs, counts, ids, mask = micro_batch_inputs(chunk, encode, pad_id, device)
+            old_logp = None
+            if cfg.ppo_updates > 1:
+                with torch.no_grad(), common.autocast(cfg.bf16, device):
+                    old_logp = rollout.token_logprobs(model, inputs, ids, mask, counts, cfg.share_prompt)  # [m, T]
+            micro_batches.append({"inputs": inputs, "counts": counts, "ids": ids, "mask": mask, "old_logp": old_logp,
+                                  "adv": torch.stack([g["adv"][j] for g, j in chunk]).to(device).float()})  # [m]
+        mini_batches.append(micro_batches)
+    return mini_batches
 
 
 def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
-    """One optimizer step over micro-batches (each: inputs, response ids/mask, old log-probs or None for the
-    current policy's, advantages).
+    """One optimizer step over micro-batches (each: inputs, responses per prompt, response ids/mask, old
+    log-probs or None for the current policy's, advantages).
 
     The loss is the global token mean over the mini-batch (all micro-batches, all ranks: SPEC 6); gradients
-    are summed over ranks (common.shard_model), so one process and N ranks take the same step.
+    are summed over ranks (common.shard_model), so one process and N ranks take the same step. Under FSDP2 each
+    micro-batch's backward reduce-scatters its gradients into the sharded ones, so no rank ever holds the whole
+    model's unsharded gradients (skipping the sync until the last micro-batch would: 4 bytes x 8.77B parameters = 35 GB at 8B, memory.py).
     A non-finite loss or gradient norm (on any rank) skips optimizer.step: the weights and AdamW state stay as
     they were, and the returned metrics say update_skipped=1.0. Returns floats: loss, clip fractions, ratio,
     KLs, entropy, grad_norm (before clipping), update_skipped.
@@ -300,18 +323,17 @@ def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
     num_tokens = common.all_reduce(sum(float(mb["mask"].sum()) for mb in micro_batches))
     totals = {"loss": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio": 0.0, "approx_kl": 0.0,
               "kl": 0.0, "entropy": 0.0}
-    for i, mb in enumerate(micro_batches):
-        common.set_grad_sync(model, i == len(micro_batches) - 1)
+    for mb in micro_batches:
         with common.autocast(cfg.bf16, mb["inputs"]["input_ids"].device):
-            logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"], cfg.group_size,
-                                          cfg.share_prompt)  # [mG, T]
+            logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"], mb["counts"],
+                                          cfg.share_prompt)  # [m, T]
             old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]  # None: on-policy (ratio 1)
             loss, metrics = ema_grpo.ppo_loss(logp, old_logp, mb["adv"], mb["mask"], cfg.clip_low,
                                               cfg.clip_high, cfg.dual_clip, num_tokens=max(num_tokens, 1.0))
             if ref_model is not None:
                 with torch.no_grad():
-                    ref_logp = rollout.token_logprobs(ref_model, mb["inputs"], mb["ids"], mb["mask"],
-                                                      cfg.group_size, cfg.share_prompt)
+                    ref_logp = rollout.token_logprobs(ref_model, mb["inputs"], mb["ids"], mb["mask"], mb["counts"],
+                                                      cfg.share_prompt)
                 kl = (ema_grpo.kl_penalty(logp, ref_logp, cfg.kl_kind) * mb["mask"]).sum() / max(num_tokens, 1.0)
                 loss = loss + cfg.kl_coef * kl
                 totals["kl"] += kl.item()
@@ -330,10 +352,8 @@ def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
     return {**totals, "grad_norm": grad_norm, "update_skipped": float(not finite)}
 
 
-def update(model, optimizer, micro_batches, cfg, ref_model):
-    """ppo_updates optimizer steps, each over a mini-batch of the micro-batches; metrics averaged over them."""
-    per_update = max(1, math.ceil(len(micro_batches) / cfg.ppo_updates))
-    mini_batches = [micro_batches[i:i + per_update] for i in range(0, len(micro_batches), per_update)]
+def update(model, optimizer, mini_batches, cfg, ref_model):
+    """One optimizer step per mini-batch (ppo_updates of them); metrics averaged over them."""
     totals = {}
     for mini_batch in mini_batches:
         for key, value in ppo_step(model, optimizer, mini_batch, cfg, ref_model).items():
@@ -378,8 +398,9 @@ def write_samples(path, step, groups):
                                 "score": g["scores"][0]}) + "\n")
 
 
-def load_policy(cfg, device, rank):
-    """(model, reference model or None, processor): the policy sharded over ranks, its trainable parameters set."""
+def load_policy(cfg, device, rank, world_size):
+    """(model, reference model or None, processor): the policy sharded over ranks, its trainable parameters set.
+    Under torchrun rank 0 alone reads the weights (model.load_model_to_shard)."""
     model_path = cfg.model
     if not os.path.exists(os.path.join(model_path, "config.json")) and model_path == Config.model:
         model_path = model_lib.DEFAULT_MODEL_DIR
@@ -387,17 +408,18 @@ def load_policy(cfg, device, rank):
             print(f"{cfg.model} not found (run train_sft.py first): starting from the untrained {model_path}")
             model_lib.ensure_model(model_path)
         common.barrier()  # the other ranks wait for the tiny model to be built
-    model, processor = model_lib.load_model(model_path, device=str(device))
+    load_args = (model_path, str(device), common.PARAM_DTYPES[cfg.param_dtype], rank, world_size)
     ref_model = None
     if cfg.kl_coef > 0:
-        ref_model, _ = model_lib.load_model(model_path, device=str(device))
+        ref_model, full, _ = model_lib.load_model_to_shard(*load_args)
         ref_model.requires_grad_(False)
-        ref_model = common.shard_model(ref_model, mixed_precision=cfg.bf16)
+        ref_model = common.shard_model(ref_model, mixed_precision=cfg.bf16, full_model=full)
+    model, full, processor = model_lib.load_model_to_shard(*load_args)
     if cfg.freeze_vision:
         model_lib.freeze_vision(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    return common.shard_model(model, mixed_precision=cfg.bf16), ref_model, processor
+    return common.shard_model(model, mixed_precision=cfg.bf16, full_model=full), ref_model, processor
 
 
 def check_config(cfg, world_size):
@@ -468,9 +490,9 @@ def count_skipped(skipped, reward_error, update_metrics, cfg, step):
 def main(argv):
     cfg = common.parse_config(Config, argv, PRESETS, CHOICES)
     if cfg.plan:
-        memory.print_plan(cfg)
+        memory.print_rl_plan(cfg)
         return
-    rank, world_size, _, device = common.init_distributed()
+    rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     check_config(cfg, world_size)
     common.prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     stop = common.StopFlag(cfg.stop_grace_s)
@@ -479,9 +501,9 @@ def main(argv):
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)  # rollout sampling
 
     # --- model, optimizer, data
-    model, ref_model, processor = load_policy(cfg, device, rank)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    model, ref_model, processor = load_policy(cfg, device, rank, world_size)
+    optimizer = common.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr,
+                                       cfg.weight_decay, cfg.param_dtype)
     tracker = ema_grpo.TaskEMA(decay=cfg.ema_decay, min_std=cfg.min_std)
     encode, encode_prompt = make_encoders(cfg, processor, model.config.text_config.max_position_embeddings)
     rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows,
@@ -531,10 +553,10 @@ def main(argv):
 
         # --- old log-probs (only when ppo_updates > 1), then the update
         t0 = time.perf_counter()
-        micro_batches = build_micro_batches(model, kept, encode, cfg, tokenizer.pad_token_id, device)
+        mini_batches = build_mini_batches(model, kept, encode, cfg, tokenizer.pad_token_id, device)
         timing["old_logp"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        update_metrics = update(model, optimizer, micro_batches, cfg, ref_model) if kept else {}
+        update_metrics = update(model, optimizer, mini_batches, cfg, ref_model) if kept else {}
         timing["update"] = time.perf_counter() - t0
         step += 1
         bar.update(1)

@@ -205,17 +205,18 @@ def step_batches(pairs, cfg, pad_id, device):
     return batches, common.all_reduce(local)
 
 
-def load_model(cfg, device, rank):
-    """(model, processor): the model sharded over ranks, the vision tower frozen when asked."""
+def load_model(cfg, device, rank, world_size):
+    """(model, processor): the model sharded over ranks (rank 0 alone reads the weights), the vision tower frozen
+    when asked."""
     if rank == 0:
         model_lib.ensure_model(cfg.model)
     common.barrier()  # the other ranks wait for the tiny model to be built
-    model, processor = model_lib.load_model(cfg.model, device=str(device))
+    model, full, processor = model_lib.load_model_to_shard(cfg.model, str(device), torch.float32, rank, world_size)
     if cfg.freeze_vision:
         model_lib.freeze_vision(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    return common.shard_model(model, mixed_precision=cfg.bf16), processor
+    return common.shard_model(model, mixed_precision=cfg.bf16, full_model=full), processor
 
 
 def load_split(cfg, rank, world_size):
@@ -296,7 +297,7 @@ def main(argv):
     np.random.seed(cfg.seed)
 
     # --- model, data, optimizer
-    model, processor = load_model(cfg, device, rank)
+    model, processor = load_model(cfg, device, rank, world_size)
     pad_id = processor.tokenizer.pad_token_id
     encode_row = make_encoder(cfg, processor, model.config.text_config.max_position_embeddings)
     bad_rows = data.BadRows(None if cfg.skip_bad_rows else cfg.max_bad_rows)

@@ -254,8 +254,37 @@ def test_sigterm_flag_and_single_process_helpers():
     assert common.shard_model(model, mixed_precision=True) is model  # one process: the plain model
 
 
+def test_kahan_adamw_follows_fp64_adamw_where_plain_bf16_adamw_stalls():
+    """bf16 weights of size ~0.02 (bf16 resolution there: 1.2e-4) and 300 steps at lr 1e-5 with weight decay: each
+    update is far below the resolution. KahanAdamW follows AdamW run in fp64; torch's AdamW on the bf16 weights
+    barely moves them."""
+    gen = torch.Generator().manual_seed(0)
+    start = (torch.randn(4096, generator=gen) * 0.02).bfloat16()
+    grads = [(torch.randn(4096, generator=gen) + 0.5).bfloat16() for _ in range(300)]  # a drift to follow
+    runs = {}
+    for name, dtype, make in (("fp64", torch.float64, torch.optim.AdamW), ("plain", torch.bfloat16, torch.optim.AdamW),
+                              ("kahan", torch.bfloat16, common.KahanAdamW)):
+        weight = torch.nn.Parameter(start.to(dtype, copy=True))
+        optimizer = make([weight], lr=1e-5, weight_decay=0.1)
+        for grad in grads:
+            weight.grad = grad.to(dtype)
+            optimizer.step()
+        runs[name] = (weight.detach().double(), optimizer.state[weight])
+    reference = runs["fp64"][0]
+    moved = (reference - start.double()).abs().mean()
+    assert moved > 1e-3, moved  # 8 bf16 steps at 0.02
+    plain, (kahan, state) = runs["plain"][0], runs["kahan"]
+    assert (plain - start.double()).abs().mean() < 0.1 * moved  # stalled: most updates round away
+    # the bf16 weight plus its compensation follows the fp64 run to within 4% of the distance travelled
+    assert (kahan + state["compensation"].double() - reference).abs().max() < 5e-5
+    assert (kahan - reference).abs().mean() < 0.05 * (plain - reference).abs().mean()
+    assert {state[k].dtype for k in ("exp_avg", "exp_avg_sq", "compensation")} == {torch.bfloat16}
+    assert common.build_optimizer([torch.nn.Parameter(start)], 1e-5, 0.0, "bf16").__class__ is common.KahanAdamW
+
+
 # -----------------------------------------------------------------------------
-# 2 gloo ranks under torchrun: FSDP2 forward/backward + AdamW step, DCP save, HF export; reload in one process
+# 2 gloo ranks under torchrun: the model filled from rank 0, FSDP2 forward/backward + AdamW step, DCP save, HF
+# export; reload in one process
 
 
 def rank_inputs(rank):
@@ -267,7 +296,9 @@ def _worker(out_dir):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     rank, _, _, _ = common.init_distributed()
-    model = common.shard_model(tiny_model(), mixed_precision=False)
+    with torch.device("meta"):  # every rank builds the model without weights; rank 0's copy fills the shards
+        skeleton = tiny_model()
+    model = common.shard_model(skeleton, mixed_precision=False, full_model=tiny_model() if rank == 0 else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     # the loss of the global batch is the sum of the per-rank losses: gradients are summed over ranks
     tiny_loss(model, rank_inputs(rank)).backward()

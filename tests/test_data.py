@@ -1,5 +1,6 @@
 """data.py: loading the three row shapes, errors that name file/row/field, media decoding, model inputs
 (media tokens, video timestamps, left padding, SFT label span) and rank sharding with exact resume."""
+import dataclasses
 import json
 import re
 import runpy
@@ -279,6 +280,19 @@ def test_sft_labels_cover_exactly_the_assistant_turn(suite_dir, tiny):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="with_answer needs an SFT row"):
         data.collate(load(suite_dir, "rl.json")[:1], processor, TEST_MEDIA, with_answer=True)
+
+
+@pytest.mark.parametrize("media_cfg", [
+    TEST_MEDIA, data.MediaConfig(image_max_pixels=32 * 64, max_frames=4, video_max_pixels=32 * 64),
+    dataclasses.replace(TEST_MEDIA, sizing="easyr1"), dataclasses.replace(data.EVAL_MEDIA, sizing="qwen_vl_utils")])
+def test_prompt_length_from_headers_equals_the_encoded_prompt(suite_dir, tiny, media_cfg):
+    """prompt_length (media headers only, no decoding) == the token count encode_row gives, for image, video,
+    video + image and text rows, at budgets that keep and that shrink the media, under each sizing rule."""
+    _, processor = tiny
+    rows = data.load_rows(str(suite_dir / "rl.json")) + data.load_rows(str(suite_dir / "eval.json"))
+    assert {r["data_type"] for r in rows} == {"image", "video", "video-image", None}
+    for row in rows:
+        assert data.prompt_length(row, processor, media_cfg) == len(data.encode_row(row, processor, media_cfg)["ids"])
 
 
 def test_collate_error_names_row(suite_dir, tiny, tmp_path):
