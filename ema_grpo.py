@@ -12,7 +12,8 @@ The release keeps the tracker in one process and resets it on resume; here it is
 import math
 
 import torch
-import torch.distributed as dist
+
+import common
 
 # -----------------------------------------------------------------------------
 # the per-task EMA of the score moments (SPEC 5 steps 2-3)
@@ -31,11 +32,8 @@ class TaskEMA:
 
         A collective under torch.distributed: every rank must call it, each with its own local scores.
         """
-        pairs = list(zip(task_keys, torch.as_tensor(scores, dtype=torch.float64).tolist(), strict=True))
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, pairs)
-            pairs = [pair for rank_pairs in gathered for pair in rank_pairs]
+        pairs = common.all_gather_list(zip(task_keys, torch.as_tensor(scores, dtype=torch.float64).tolist(),
+                                           strict=True))
         by_task = {}
         for key, score in pairs:
             by_task.setdefault(key, []).append(score)
@@ -170,6 +168,9 @@ def ppo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.3, dual
     return loss, metrics
 
 
+KL_KINDS = ("low_var_kl", "k1")
+
+
 def kl_penalty(logp, ref_logp, kind="low_var_kl"):
     """Per-token KL estimate of the policy from a frozen reference, [N, T]; samples come from the policy.
 
@@ -183,4 +184,4 @@ def kl_penalty(logp, ref_logp, kind="low_var_kl"):
     if kind == "low_var_kl":
         log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [N, T]
         return (log_ratio.exp() - log_ratio - 1).clamp(max=10.0)
-    raise ValueError(f"ema_grpo.kl_penalty: kind must be 'k1' or 'low_var_kl', got {kind!r}")
+    raise ValueError(f"ema_grpo.kl_penalty: kind must be one of {KL_KINDS}, got {kind!r}")

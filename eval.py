@@ -6,14 +6,23 @@ write per-row outputs and a metrics JSON, print a metric table.
     python eval.py --model=runs/tiny-model --data=data/shapes/eval.json
     python eval.py --preset=release --model=/ckpt/OneThinker-8B --data=a.json,b.json --media_root=/data/eval \
         --sam2_checkpoint=/ckpt/sam2.1_hiera_tiny.pt
-    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows sharded over ranks
+    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows shared out by tokens
+    python eval.py --preset=release --plan=true                      # its per-GPU memory plan (memory.py)
 
-Greedy decoding (SPEC 7). For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per finished row
-(response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun skips the rows
-already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
+Greedy decoding (SPEC 7). Each rank gets an equal share of the file's tokens (prompt lengths read from the media
+headers, `assign_rows`), in batches of similar lengths capped by batch_tokens (`token_batches`), so no rank waits
+long at the end-of-file barrier. For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per
+finished row (response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun
+skips the rows already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
+
+The release preset feeds the model what the release's Evaluation/Eval/eval_bench.py fed it: the media first, then
+its prompt text (data.RELEASE_TEMPLATE), media sized by qwen-vl-utils' rules and the processor (data.py), and
+generation stops at the checkpoint's EOS ids. Answers are read from the raw response as eval_bench reads them:
+the first <answer>...</answer> (else the whole response), with no tag normalisation; so "< answer >" tags score
+as untagged text and an exact "in / out" transcription stays exact.
 
 Metrics per problem_type (segmentation split into image and video): QA accuracy is the training reward's
-(rewards.py); temporal grounding mean tIoU and R@0.3/0.5/0.7; spatial grounding Acc@0.5 and mean IoU;
+accuracy (rewards.py) on that answer; temporal grounding mean tIoU and R@0.3/0.5/0.7; spatial grounding Acc@0.5 and mean IoU;
 spatial-temporal grounding mean tIoU and mean box IoU over the seconds present in both; tracking AO (mean over
 videos of the per-video mean IoU, the release's), the release's "R@0.5" (share of VIDEOS with mean IoU >= 0.5)
 and the GOT-10k toolkit's SR@0.5 (share of FRAMES with IoU > 0.5); segmentation gIoU / cIoU for images and
@@ -21,12 +30,19 @@ J, F, J&F for videos (DAVIS 2017 definitions; --mask_variant=release for the rel
 
 Segmentation answers are a box and points (and a keyframe for video); SAM2.1 Hiera-T turns them into masks.
 Without --sam2_checkpoint SAM2 has random weights: the plumbing runs, the masks mean nothing, and the table says
-so. Failed parses, missing media and SAM2 errors score 0 and are counted; no row leaves an average.
+so. Failed parses, missing or undecodable media, prompts too long for the context and SAM2 errors score 0 and are
+counted (the record's "error" names why); no row leaves an average.
 
-The release's evaluation faults this file avoids (SPEC 7): its box IoU crashes on every valid pair; its
-segmentation averages drop failed samples; its multiple-choice score reads the first character (here it is the
-training reward's grade_answer).
+Where the scores differ from eval_bench's on purpose (README, "What differs from the release"):
+- its box IoU crashes on every valid pair (spatial grounding, spatial-temporal grounding, tracking): fixed here;
+- failures (parse, media, SAM2) count 0 in every average (its segmentation averages drop failed samples; it
+  scores segmentation not at all, here SAM2 masks are scored);
+- multiple choice by the reward's grade_answer (it compares the first character, so "Because ..." reads "B");
+- regression by the reward's mean relative accuracy (it scores a ground truth of exactly 0 as wrong, and runs in
+  float64 where the reward runs in float32).
+Spatial-temporal grounding scores its time span and its boxes each on its own, as eval_bench and the reward do.
 """
+import dataclasses
 import json
 import math
 import os
@@ -39,20 +55,53 @@ from dataclasses import dataclass
 import av
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 import common
 import data
+import memory
 import rewards
 import rollout
-from data import rle_decode, strip_answer, task_key
-from model import ensure_model, load_model
-from rewards import box_iou, extract_answer, is_number_list, normalize_tags, parse_json_answer, temporal_iou
+import model as model_lib
+from data import EVAL_MEDIA, QA_TYPES, rle_decode, task_key
+from rewards import answer_text, box_iou, extract_answer, is_number_list, parse_json_answer, temporal_iou
 
-QA_TYPES = ("multiple choice", "numerical", "regression", "math", "OCR", "open-ended")
-FAILURES = ("parse_failed", "media_missing", "sam2_failed")  # counted per task, each scores 0
+
+@dataclass
+class Config:
+    model: str = model_lib.DEFAULT_MODEL_DIR  # a save_pretrained directory; the default tiny model is built if missing
+    data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
+    media_root: str | None = None  # folder the rows' media paths are relative to; None: each data file's folder
+    allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
+    out_dir: str | None = None  # None: runs/eval/<model folder name>
+    batch_size: int = 16
+    batch_tokens: int = 0  # cap on a batch's KV cache in token slots (memory.kv_cache_slots); 0: batch_size alone
+    max_new_tokens: int = 512
+    prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
+    limit: int = 0  # evaluate the first N rows of each file; 0 = all
+    bf16: bool = True  # bf16 weights on GPU (flash-attn needs them); CPU always runs fp32
+    dist_timeout_min: float = 60.0  # minutes a rank waits at a collective for the slowest one before the job dies
+    sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
+    sam2_checkpoint: str | None = None  # None: random weights, plumbing only
+    sam2_image_size: int | None = None  # None: 1024 with a checkpoint (SAM2's own), 512 with random weights
+    mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
+    # media: SPEC 2's eval budgets (data.EVAL_MEDIA) sized by "fit" (ours) or "qwen_vl_utils" (the release's
+    # eval: data.py's media comment), with these minimums (per image, per video frame)
+    sizing: str = EVAL_MEDIA.sizing
+    image_min_pixels: int = EVAL_MEDIA.image_min_pixels
+    video_min_pixels: int = EVAL_MEDIA.video_min_pixels
+    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B (memory.py) and exit
+
+
+# the release's eval settings; its media minimums are qwen-vl-utils' defaults (eval_bench passes none): 4 merged
+# tokens an image, 128 a video frame. batch_tokens sized by memory.py for 80 GB (`--preset=release --plan=true`):
+# 4 rows of the longest video prompt per batch (8 fit 141 GB: --batch_tokens=262144)
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072, prompt_template="release",
+                           sizing="qwen_vl_utils", image_min_pixels=4 * 32 * 32, video_min_pixels=128 * 32 * 32)}
+# counted per task, each scores 0: no parsable answer; media missing or not decodable; the prompt leaves no room
+# for max_new_tokens in the model context; SAM2 raised
+FAILURES = ("parse_failed", "media_missing", "too_long", "sam2_failed")
 RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningless"
 
@@ -61,8 +110,9 @@ RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningles
 
 
 def mean_box_iou_common(pred_boxes, gt_boxes):
-    """Spatial-temporal grounding: mean box IoU over the seconds present in both (0 when none are)."""
-    seconds = [k for k in gt_boxes if k in pred_boxes]
+    """Spatial-temporal grounding: mean box IoU over the seconds present in both (0 when none are), summed in
+    the prediction's order as eval_bench sums it (the same float to the bit)."""
+    seconds = [k for k in pred_boxes if k in gt_boxes]
     return sum(box_iou(pred_boxes[k], gt_boxes[k]) for k in seconds) / len(seconds) if seconds else 0.0
 
 
@@ -162,7 +212,8 @@ def media_path(row, media_root):
     return path if os.path.isabs(path) else os.path.join(media_root, path)
 
 
-def load_image(path):
+def read_rgb(path):
+    """The image file as an RGB array, at its stored size (SAM2 and the masks work in the file's pixels)."""
     with Image.open(path) as image:
         return np.array(image.convert("RGB"))  # [H, W, 3] uint8, writable (torchvision warns on read-only)
 
@@ -192,9 +243,11 @@ def write_frames(path, frame_dir):
 SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 
 
-def build_sam2(checkpoint="", image_size=512, device="cpu"):
+def build_sam2(checkpoint=None, image_size=None, device="cpu"):
     """SAM2.1 Hiera-T as one video predictor; image rows reuse its weights through SAM2ImagePredictor.
-    checkpoint "": random weights (seeded), for plumbing only."""
+    checkpoint None: random weights (seeded), for plumbing only. image_size None: SAM2's own 1024 with a
+    checkpoint, 512 with random weights (fast on CPU)."""
+    image_size = image_size or (1024 if checkpoint else 512)
     from sam2.build_sam import build_sam2_video_predictor
     from sam2.sam2_image_predictor import SAM2ImagePredictor
     with torch.random.fork_rng(devices=[]):
@@ -249,19 +302,13 @@ def sam2_video_masks(sam2, frame_dir, key_frame, answer):
 # one row -> its metric parts (JSON-serialisable; failures score 0 and set their flag)
 
 
-def ground_truth(row):
-    """The ground-truth answer text: eval rows call it `solution`, RL rows `answer` (SPEC 1)."""
+def solution_text(row):
+    """The ground-truth answer text of a raw or loaded row: eval rows call it `solution`, RL rows `answer`
+    (SPEC 1), unwrapped from <answer> tags as the reward does."""
     truth = row.get("solution", row.get("answer"))
     if truth is None:
         raise ValueError(f"row {row.get('problem_id')!r}: no solution/answer field")
-    return strip_answer(str(truth))
-
-
-def answer_text(response):
-    """The answer as the reward reads it (SPEC 4.1-4.3): tags normalised, the first <answer> content, or the
-    whole response when there is none."""
-    response = normalize_tags(response)
-    return extract_answer(response) or response.strip()
+    return rewards.answer_text(str(truth))
 
 
 def parse_answer(text):
@@ -271,8 +318,10 @@ def parse_answer(text):
 
 
 def qa_accuracy(response, truth, problem_type, data_type):
-    """QA accuracy is the training reward's accuracy (SPEC 4.5): one call into rewards.py."""
-    return float(rewards.score(response, truth, problem_type, data_type)[1]["accuracy"])
+    """QA accuracy: the training reward's accuracy functions (SPEC 4.5) on the answer read from the raw response,
+    as eval_bench reads it (multiple choice by grade_answer and regression by the reward's relative accuracy:
+    the module docstring says why)."""
+    return float(rewards.accuracy(answer_text(response), truth, problem_type.lower(), data_type.lower()))
 
 
 def _finite_numbers(x, n):
@@ -332,11 +381,11 @@ def failed_parts(row, flag):
 
 def gt_answer(row, field, n=None):
     """A field of the ground-truth JSON (n: a list of n numbers); malformed ground truth is a data error."""
-    gt = parse_answer(ground_truth(row))
+    gt = parse_answer(solution_text(row))
     value = gt.get(field) if gt is not None else None
     if value is None or (n is not None and not is_number_list(value, n)):
         raise ValueError(f"row {row.get('problem_id')!r}: field solution needs {field!r}"
-                         f"{f' as {n} numbers' if n else ''}: {ground_truth(row)!r}")
+                         f"{f' as {n} numbers' if n else ''}: {solution_text(row)!r}")
     return value
 
 
@@ -349,16 +398,18 @@ def gt_boxes(row):
 
 
 def score_row(row, response, media_root=".", sam2=None, variant="davis"):
-    """A row's metric parts (SPEC 7), reading the answer as the reward does. A structured answer without the
-    task's well-formed fields is a failed parse and scores 0. For QA types parse_failed marks a response
-    without an <answer> tag; its accuracy is still the reward's, which then reads the whole response."""
+    """A row's metric parts (SPEC 7). The answer is read from the raw response as eval_bench reads it: the first
+    <answer>...</answer>, stripped, else the whole stripped response (no tag normalisation). A structured
+    answer without the task's well-formed fields is a failed parse and scores 0, except spatial-temporal
+    grounding, whose time span and boxes score each on its own (parse_failed: either is malformed). For QA types
+    parse_failed marks a response without an <answer> tag; its accuracy is still read from the whole response."""
     problem_type, data_type = row["problem_type"], row.get("data_type", "image")
     key = task_key(problem_type, data_type)
     ok = dict.fromkeys(FAILURES, False)
     if problem_type in QA_TYPES:
-        tagged = extract_answer(normalize_tags(response)) is not None
+        tagged = extract_answer(response) is not None
         return {**ok, "parse_failed": not tagged,
-                "accuracy": qa_accuracy(response, ground_truth(row), problem_type, data_type)}
+                "accuracy": qa_accuracy(response, solution_text(row), problem_type, data_type)}
     if problem_type == "segmentation":
         return score_segmentation(row, response, media_root, sam2, variant)
     answer = parse_answer(answer_text(response)) or {}
@@ -374,11 +425,11 @@ def score_row(row, response, media_root=".", sam2=None, variant="davis"):
             return failed_parts(row, "parse_failed")
         return {**ok, "iou": box_iou(pred_boxes, gt_answer(row, "boxes", 4))}
 
-    if key == "spatial-temporal grounding":
-        if not is_number_list(pred_time, 2) or not isinstance(pred_boxes, dict):
-            return failed_parts(row, "parse_failed")
-        return {**ok, "tiou": temporal_iou(pred_time, gt_answer(row, "time", 2)),
-                "box_iou": mean_box_iou_common(pred_boxes, gt_boxes(row))}
+    if key == "spatial-temporal grounding":  # each part on its own, as eval_bench and the reward score it
+        boxes_ok = isinstance(pred_boxes, dict)
+        return {**ok, "parse_failed": not (is_number_list(pred_time, 2) and boxes_ok),
+                "tiou": temporal_iou(pred_time, gt_answer(row, "time", 2)),
+                "box_iou": mean_box_iou_common(pred_boxes, gt_boxes(row)) if boxes_ok else 0.0}
 
     if key == "tracking":
         if not isinstance(pred_boxes, dict):
@@ -402,7 +453,7 @@ def score_segmentation(row, response, media_root, sam2, variant):
     if not video:
         gt = rle_decode(row["segmentation_output"])
         try:
-            image = load_image(path)
+            image = read_rgb(path)
         except Exception as e:  # noqa: BLE001  (an unreadable file counts with the missing ones)
             warnings.warn(f"row {row.get('problem_id')!r}: cannot read {path}: {e!r}")
             return failed_parts(row, "media_missing")
@@ -477,7 +528,7 @@ def mean(xs):
 
 def summarise(key, parts):
     """One task's metrics from its rows' parts; the failure counts ride along."""
-    out = {"rows": len(parts), **{flag: sum(bool(p[flag]) for p in parts) for flag in FAILURES}}
+    out = {"rows": len(parts), **{flag: sum(bool(p.get(flag)) for p in parts) for flag in FAILURES}}
     if all("reward" in p for p in parts):  # records written by eval.py; compute_metrics' parts have none
         out["reward"] = mean([p["reward"] for p in parts])
         out["format_rate"] = mean([p["format"] for p in parts])
@@ -520,7 +571,7 @@ def aggregate(rows, parts):
     by_task = defaultdict(list)
     for row, p in zip(rows, parts):
         by_task[task_key(row["problem_type"], row.get("data_type", "image"))].append(p)
-    metrics = {"all": {"rows": len(parts), **{flag: sum(bool(p[flag]) for p in parts) for flag in FAILURES}}}
+    metrics = {"all": {"rows": len(parts), **{flag: sum(bool(p.get(flag)) for p in parts) for flag in FAILURES}}}
     for key in sorted(by_task):
         metrics[key] = summarise(key, by_task[key])
     return metrics
@@ -548,7 +599,7 @@ def compute_metrics(rows, predictions, media_root=".", sam2=None, variant="davis
 
 def format_table(metrics_by_file):
     """{file: metrics} -> a printable table: one line per (file, task) with its metrics and failure counts."""
-    lines = [f"{'file':<24} {'task':<28} {'rows':>5}  {'metrics':<64} failed (parse/media/sam2)"]
+    lines = [f"{'file':<24} {'task':<28} {'rows':>5}  {'metrics':<64} failed (parse/media/too long/sam2)"]
     notes = set()
     for name, metrics in metrics_by_file.items():
         for key, values in metrics.items():
@@ -564,26 +615,6 @@ def format_table(metrics_by_file):
 
 # -----------------------------------------------------------------------------
 # the driver: generate, score, resume, aggregate
-
-
-@dataclass
-class Config:
-    model: str = "runs/tiny-model"  # a save_pretrained directory; the default tiny model is built when missing
-    data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
-    media_root: str = ""  # folder the rows' media paths are relative to; "" = each data file's folder
-    out_dir: str = ""  # "" = runs/eval/<model folder name>
-    batch_size: int = 16
-    max_new_tokens: int = 512
-    prompt_template: str = ""  # JSON file problem_type -> type line, for a checkpoint trained with other wording
-    limit: int = 0  # evaluate the first N rows of each file; 0 = all
-    dtype: str = "float32"  # "bfloat16" on GPU
-    sam2_checkpoint: str = ""  # "" = random weights: plumbing only
-    sam2_image_size: int = 0  # 0 = 1024 with a checkpoint (SAM2's own), 512 with random weights (fast on CPU)
-    mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
-    sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
-
-
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, dtype="bfloat16")}  # the release's eval settings
 
 
 def read_records(folder):
@@ -610,7 +641,7 @@ def end_with_newline(path):
                 f.write(b"\n")
 
 
-def load_eval_rows(path, media_root):
+def load_eval_rows(path, media_root, allow_outside_root=False):
     """data.load_rows's validation, except that a row with a missing media file is kept and marked
     `media_missing` (SPEC 7: it scores 0 and is counted, never dropped)."""
     rows = []
@@ -621,74 +652,136 @@ def load_eval_rows(path, media_root):
         if files and not all(os.path.isfile(f) for f in files):
             rows.append({**raw, "media_missing": True})
         else:
-            rows.append(data.normalise_row(raw, index, path, media_root))
+            rows.append(data.normalise_row(raw, index, path, media_root, allow_outside_root=allow_outside_root))
     return rows
 
 
+def assign_rows(costs, rank, world_size):
+    """This rank's share of the rows {index: tokens}: rows dealt most tokens first, each to the rank holding the
+    fewest tokens so far (greedy longest-processing-time), so the ranks reach the end-of-file barrier at about the
+    same time; dealing rows round-robin would give one rank all the long videos of a file sorted by length.
+    Returns the rank's indices, most tokens first (similar lengths share a batch and its padding)."""
+    loads, mine = [0] * world_size, []
+    for i in sorted(costs, key=lambda i: (-costs[i], i)):
+        least = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[least] += costs[i]
+        if least == rank:
+            mine.append(i)
+    return mine
+
+
+def token_batches(order, lengths, batch_size, batch_tokens, max_new_tokens):
+    """order (longest prompt first) cut into batches of at most batch_size rows whose KV cache can grow to at most
+    batch_tokens token slots: memory.kv_cache_slots of the generated rows, the batch's longest prompt (left padding
+    pads the others to it) and max_new_tokens (0: no cap; a row over the cap goes alone). lengths[i]: prompt
+    tokens, None for a row not generated (media missing)."""
+    batches, batch = [], []
+    for i in order:
+        rows = [j for j in batch + [i] if lengths[j] is not None]
+        slots = memory.kv_cache_slots(len(rows), max([lengths[j] for j in rows], default=0), max_new_tokens)
+        if batch and (len(batch) == batch_size or (batch_tokens and rows and slots > batch_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 def generate_batch(model, processor, rows, cfg, templates, device):
-    """Greedy responses for rows whose media exist: (texts, finish reasons)."""
-    inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.EVAL_MEDIA, templates).items()}
-    eos = model.generation_config.eos_token_id
-    out = rollout.generate(model, inputs, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
-                           top_k=0, generator=None, eos_token_ids=eos if isinstance(eos, list) else [eos])
+    """Greedy responses for rows whose media exist: one {"response", "finish_reason"} per row. A row that cannot
+    be encoded is not generated: {"failed": "media_missing" (media that do not decode) or "too_long" (a prompt
+    leaving no room for max_new_tokens in the context), "error": the message naming its file and row}."""
+    context = model.config.text_config.max_position_embeddings
+    media_cfg = data.media_config(cfg, EVAL_MEDIA)
+    results, items = [None] * len(rows), {}
+    for i, row in enumerate(rows):
+        try:
+            item = data.encode_cached(row, processor, media_cfg, templates)
+        except ValueError as e:
+            results[i] = {"response": "", "finish_reason": "not generated", "failed": "media_missing", "error": str(e)}
+            continue
+        try:
+            items[i] = data.check_length(row, item, context, cfg.max_new_tokens)
+        except ValueError as e:
+            results[i] = {"response": "", "finish_reason": "not generated", "failed": "too_long", "error": str(e)}
+    for result in results:
+        if result is not None:
+            print(f"not generated, scored 0: {result['error']}", flush=True)
+    if not items:
+        return results
+    inputs = data.pad_batch(list(items.values()), processor.tokenizer.pad_token_id)
+    out = rollout.generate(model, {k: v.to(device) for k, v in inputs.items()}, n=1,
+                           max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, generator=None,
+                           eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer))
     ids, mask = out["response_ids"].cpu(), out["response_mask"].cpu().bool()  # [B, T]
-    texts = [processor.tokenizer.decode(ids[i][mask[i]], skip_special_tokens=True) for i in range(len(rows))]
-    return texts, out["finish_reasons"]
+    for j, i in enumerate(items):
+        results[i] = {"response": processor.tokenizer.decode(ids[j][mask[j]], skip_special_tokens=True),
+                      "finish_reason": out["finish_reasons"][j]}
+    return results
+
+
+def score_record(cfg, row, index, generated, media_root, sam2_cache, device):
+    """The record of one row: its response (generated: generate_batch's result, or None when its media are
+    missing), the metric parts (SPEC 7) and the training reward's parts (SPEC 4, so eval shows what RL optimised;
+    a row never generated scores 0)."""
+    generated = generated or {"response": "", "finish_reason": "media_missing", "failed": "media_missing"}
+    response, finish_reason = generated["response"], generated["finish_reason"]
+    if generated.get("failed"):
+        parts = failed_parts(row, generated["failed"])
+    elif row["problem_type"] == "segmentation" and not cfg.sam2:
+        parts = dict.fromkeys(FAILURES, False)
+    else:
+        if row["problem_type"] == "segmentation" and "sam2" not in sam2_cache:
+            sam2_cache["sam2"] = build_sam2(cfg.sam2_checkpoint, cfg.sam2_image_size, device)
+        parts = score_row(row, response, media_root, sam2_cache.get("sam2"), cfg.mask_variant)
+    reward = rewards.score(response, solution_text(row), row["problem_type"],
+                           row.get("data_type") or "image")[1] if not generated.get("failed") else {}
+    parts.update(reward=reward.get("overall", 0.0), format=reward.get("format", 0.0),
+                 reward_accuracy=reward.get("accuracy", 0.0))
+    return {"index": index, "problem_id": row.get("problem_id"), "problem_type": row["problem_type"],
+            "data_type": row.get("data_type", "image"), "response": response, "finish_reason": finish_reason,
+            "parts": parts, "mask_variant": cfg.mask_variant, "sam2_checkpoint": cfg.sam2_checkpoint,
+            **({"error": generated["error"]} if "error" in generated else {})}
+
+
+def output_dir(cfg):
+    return cfg.out_dir or os.path.join("runs", "eval", os.path.basename(os.path.normpath(cfg.model)))
 
 
 def evaluate_file(cfg, path, model, processor, templates, rank, world_size, device, sam2_cache):
     """Generate and score this rank's unfinished rows of one eval file; rank 0 returns the file's metrics."""
     media_root = cfg.media_root or os.path.dirname(os.path.abspath(path))
-    rows = load_eval_rows(path, media_root)
+    rows = load_eval_rows(path, media_root, cfg.allow_media_outside_root)
     rows = rows[:cfg.limit] if cfg.limit else rows
-    folder = os.path.join(cfg.out_dir, os.path.splitext(os.path.basename(path))[0])
+    folder = os.path.join(output_dir(cfg), os.path.splitext(os.path.basename(path))[0])
     done = read_records(folder)
     for record in done.values():
         if (record["mask_variant"], record["sam2_checkpoint"]) != (cfg.mask_variant, cfg.sam2_checkpoint):
             raise ValueError(f"{folder}: row {record['index']} was scored with mask_variant="
                              f"{record['mask_variant']!r}, sam2_checkpoint={record['sam2_checkpoint']!r}; "
                              f"this run has {cfg.mask_variant!r}, {cfg.sam2_checkpoint!r}: use another out_dir")
-    if world_size > 1:
-        dist.barrier()  # every rank has read the finished set before any rank appends to it
-    todo = [i for i in range(len(rows)) if i not in done][rank::world_size]
+    common.barrier()  # every rank has read the finished set before any rank appends to it
+    media_cfg = data.media_config(cfg, EVAL_MEDIA)
+    lengths = {i: None if rows[i].get("media_missing") else data.prompt_length(rows[i], processor, media_cfg, templates)
+               for i in range(len(rows)) if i not in done}  # every rank computes all: the same assignment
+    todo = assign_rows({i: 0 if n is None else n + cfg.max_new_tokens for i, n in lengths.items()}, rank, world_size)
     os.makedirs(folder, exist_ok=True)
     shard = os.path.join(folder, f"rank{rank}.jsonl")
     end_with_newline(shard)
 
     with open(shard, "a") as out, \
             tqdm(total=len(todo), desc=os.path.basename(path), disable=rank != 0) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+        for batch in token_batches(todo, lengths, cfg.batch_size, cfg.batch_tokens, cfg.max_new_tokens):
             have_media = [i for i in batch if not rows[i].get("media_missing")]
-            texts, reasons = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
-                if have_media else ([], [])
-            generated = {i: (text, reason) for i, text, reason in zip(have_media, texts, reasons)}
+            results = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
+                if have_media else []
+            generated = dict(zip(have_media, results))
             for i in batch:
-                row = rows[i]
-                response, finish_reason = generated.get(i, ("", "media_missing"))
-                if i not in generated:
-                    parts = failed_parts(row, "media_missing")
-                elif row["problem_type"] == "segmentation" and not cfg.sam2:
-                    parts = dict.fromkeys(FAILURES, False)
-                else:
-                    if row["problem_type"] == "segmentation" and "sam2" not in sam2_cache:
-                        sam2_cache["sam2"] = build_sam2(cfg.sam2_checkpoint, cfg.sam2_image_size, device)
-                    parts = score_row(row, response, media_root, sam2_cache.get("sam2"), cfg.mask_variant)
-                # the training reward too (SPEC 4), so eval shows what RL optimised; a row never generated scores 0
-                reward = rewards.score(response, ground_truth(row), row["problem_type"],
-                                       row.get("data_type") or "image")[1] if i in generated else {}
-                parts.update(reward=reward.get("overall", 0.0), format=reward.get("format", 0.0),
-                             reward_accuracy=reward.get("accuracy", 0.0))
-                record = {"index": i, "problem_id": row.get("problem_id"), "problem_type": row["problem_type"],
-                          "data_type": row.get("data_type", "image"), "response": response,
-                          "finish_reason": finish_reason, "parts": parts, "mask_variant": cfg.mask_variant,
-                          "sam2_checkpoint": cfg.sam2_checkpoint}
+                record = score_record(cfg, rows[i], i, generated.get(i), media_root, sam2_cache, device)
                 out.write(json.dumps(record) + "\n")
             out.flush()
             bar.update(len(batch))
 
-    if world_size > 1:
-        dist.barrier()
+    common.barrier()
     if rank != 0:
         return None
     records = read_records(folder)
@@ -699,18 +792,18 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
     if any(row["problem_type"] == "segmentation" for row in rows) and cfg.sam2 and not cfg.sam2_checkpoint:
         metrics["all"]["note"] = RANDOM_SAM2_NOTE
     with open(folder + ".metrics.json", "w") as f:
-        json.dump({"data": path, "model": cfg.model, "config": vars(cfg), "metrics": metrics}, f, indent=1)
+        json.dump({"data": path, "model": cfg.model, "config": dataclasses.asdict(cfg), "metrics": metrics}, f, indent=1)
     return metrics
 
 
 def main(argv):
-    cfg = common.parse_config(Config, argv, PRESETS)
-    if cfg.mask_variant not in MASK_VARIANTS:
-        raise ValueError(f"--mask_variant must be one of {MASK_VARIANTS}, got {cfg.mask_variant!r}")
-    cfg.sam2_image_size = cfg.sam2_image_size or (1024 if cfg.sam2_checkpoint else 512)
-    cfg.out_dir = cfg.out_dir or os.path.join("runs", "eval", os.path.basename(os.path.normpath(cfg.model)))
-    rank, world_size, _, device = common.init_distributed()
-    model, processor = load_model(ensure_model(cfg.model), str(device), getattr(torch, cfg.dtype))
+    cfg = common.parse_config(Config, argv, PRESETS, {"mask_variant": MASK_VARIANTS, "sizing": data.SIZINGS})
+    if cfg.plan:
+        memory.print_eval_plan(cfg, data.media_config(cfg, EVAL_MEDIA))
+        return
+    rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
+    model, processor = model_lib.load_model(model_lib.ensure_model(cfg.model), str(device),
+                                            torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)
     model.eval()
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     metrics_by_file, sam2_cache = {}, {}
@@ -721,7 +814,7 @@ def main(argv):
                 metrics_by_file[path] = metrics
     if rank == 0:
         print(format_table(metrics_by_file))
-        print(f"per-row outputs and metrics JSON in {cfg.out_dir}")
+        print(f"per-row outputs and metrics JSON in {output_dir(cfg)}")
     common.cleanup()
 
 

@@ -14,16 +14,18 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast, Qwen3VLConfig,
-                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig,
+                          PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen3_vl import modeling_qwen3_vl as hf_qwen3_vl
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
+import common
 import data
 
 DEFAULT_MODEL_DIR = "runs/tiny-model"
@@ -51,16 +53,16 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# S trains at ~25 rows/s on 2 CPU cores on the demo's shapes mix; L is ~3x slower per step.
+# S is the demo's model; L (4x the parameters) for experiments with more CPU time
 SIZES = {
     "S": dict(hidden=128, layers=2, heads=4, kv_heads=2, mlp=384, vis_depth=2, vis_hidden=64, vis_mlp=128),
     "L": dict(hidden=256, layers=4, heads=8, kv_heads=4, mlp=768, vis_depth=4, vis_hidden=128, vis_mlp=256),
 }
 HEAD_DIM = 32
 MROPE_SECTION = [6, 5, 5]  # t, h, w frequency split; sums to HEAD_DIM / 2 as Qwen3-VL requires
-# No 2x2 merge (Qwen3-VL merges 2x2): measured on grounding alone, 600 SFT steps of 16 rows, 64 tokens per 128 px image
-# began to read where the object is (box IoU 0.21, the vertical third named right 92% of the time) while
-# 16 tokens stayed blind (IoU 0.09, every answer "middle centre").
+# No 2x2 merge (Qwen3-VL merges 2x2). Measured once in a throwaway experiment on spatial grounding alone (600 SFT
+# steps of 16 rows): with 64 tokens per 128 px image the model began to read where the object is (box IoU 0.21),
+# with 16 tokens it stayed blind (IoU 0.09, every answer "middle centre").
 PATCH, MERGE, TEMPORAL_PATCH = 16, 1, 2
 ROPE_THETA = 5_000_000.0  # Qwen3-VL-8B's
 
@@ -70,7 +72,7 @@ ROPE_THETA = 5_000_000.0  # Qwen3-VL-8B's
 
 def corpus_from_suite(data_dir):
     """Every string a model will read or write in the suite: prompts, answers, rationales, timestamps."""
-    texts = list(data.TYPE_TEMPLATES.values()) + [data.INSTRUCTION]
+    texts = list(data.PROJECT_TEMPLATE.values())
     texts += [f"<{t / 2:.1f} seconds>" for t in range(0, 256)]  # video frame timestamps the processor writes
     paths = sorted(glob.glob(os.path.join(data_dir, "*.json")))
     if not paths:
@@ -110,6 +112,8 @@ def train_tokenizer(texts, vocab_size=1024):
 # model
 
 def tiny_config(tokenizer, size="S"):
+    if size not in SIZES:
+        raise ValueError(f"model size {size!r}: expected one of {sorted(SIZES)}")
     s = SIZES[size]
     vocab = (len(tokenizer) + 63) // 64 * 64  # round up: spare rows are harmless and keep matmuls aligned
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -134,7 +138,8 @@ def tiny_config(tokenizer, size="S"):
 
 
 def build_processor(tokenizer):
-    # Pixel bounds here are the processor's defaults for this model; data.py passes per-call limits (SPEC 2).
+    # data.py sizes media itself (SPEC 2 budgets) and calls the processor with do_resize=False: these bounds only
+    # apply to callers that hand the processor unsized media (for video: pixels over all frames of a clip).
     image_processor = Qwen2VLImageProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
                                             size={"shortest_edge": 32 * 32, "longest_edge": 256 * 32 * 32})
     video_processor = Qwen3VLVideoProcessor(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL_PATCH,
@@ -168,7 +173,8 @@ def build_tiny_model(out_dir, data_dir=DEFAULT_DATA_DIR, seed=0, size="S"):
         visual = model.model.visual
         visual.pos_embed.weight.copy_(sincos_positions(visual.num_grid_per_side, visual.pos_embed.embedding_dim))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    # as Qwen3-VL-Instruct's generation_config.json: a response ends at <|im_end|> or <|endoftext|>
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -187,6 +193,28 @@ def ensure_model(path, data_dir=DEFAULT_DATA_DIR):
         import shapes
         shapes.generate_suite(data_dir, seed=0)
     return build_tiny_model(path, data_dir)
+
+
+def stop_token_ids(model, tokenizer):
+    """The token ids that end a response, for train_rl.py and eval.py alike: the checkpoint's generation_config
+    EOS ids (Qwen3-VL-Instruct: <|im_end|> and <|endoftext|>, where the release's vLLM stops too) and the
+    tokenizer's EOS (<|im_end|>, the end of a chat turn)."""
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return sorted(ids | {tokenizer.eos_token_id} - {None})
+
+
+# LLaMA-Factory's freeze_vision_tower + freeze_multi_modal_projector for Qwen3-VL (model_utils/visual.py): a
+# parameter whose name contains one of these is frozen. The vision position embedding and the deepstack mergers
+# match none of them, so the released SFT trained them.
+FROZEN_VISION_PARTS = ("visual.patch_embed", "visual.blocks", "visual.merger")
+
+
+def freeze_vision(model):
+    """Freeze the vision tower and its projector as the release's SFT did (FROZEN_VISION_PARTS)."""
+    for name, param in model.named_parameters():
+        if any(part in name for part in FROZEN_VISION_PARTS):
+            param.requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -249,30 +277,56 @@ def use_cpu_vision(model):
     return model
 
 
-def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None):
-    """(model, processor) from a local directory; flash-attn when installed on GPU, else sdpa. On CPU the vision
-    tower runs use_cpu_vision's versions."""
+def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None, weights=True):
+    """(model, processor) from a local directory, the model on `device` in `dtype`.
+
+    Attention: flash-attn when it is installed, the device is a GPU and the weights are bf16 or fp16 (flash-attn
+    refuses fp32 inputs), else sdpa. weights=False: the architecture on the meta device, no weights read (FSDP
+    ranks build this; common.shard_model fills it from rank 0's loaded copy). On CPU the vision tower runs
+    use_cpu_vision's versions (same weights and outputs).
+    """
     if attn_implementation is None:
         attn_implementation = "sdpa"
-        if device != "cpu" and torch.cuda.is_available():
+        if device != "cpu" and torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
             try:
                 import flash_attn  # noqa: F401  (optional dependency)
                 attn_implementation = "flash_attention_2"
             except ImportError:
                 pass
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
+    if not weights:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                            attn_implementation=attn_implementation)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):  # stop_token_ids reads its EOS ids
+            model.generation_config = GenerationConfig.from_pretrained(path)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     if device == "cpu":
         use_cpu_vision(model)
+    if not weights:
+        return model, processor
     return model.to(device), processor
 
 
+def load_model_to_shard(path, device, dtype, rank, world_size):
+    """(model, full_model, processor) for common.shard_model(model, ..., full_model=full_model). One process: the
+    loaded model and None. Under torchrun: every rank's model is built on the meta device, and rank 0 alone also
+    loads the weights (full_model), which shard_model broadcasts into every rank's shards."""
+    model, processor = load_model(path, device, dtype, weights=world_size == 1)
+    full_model = load_model(path, device, dtype)[0] if world_size > 1 and rank == 0 else None
+    return model, full_model, processor
+
+
+@dataclass
+class Config:
+    out: str = DEFAULT_MODEL_DIR  # where the model and processor are saved
+    data: str = DEFAULT_DATA_DIR  # the suite folder whose text trains the tokenizer
+    seed: int = 0
+    size: str = "S"  # S | L (SIZES)
+
+
 if __name__ == "__main__":
-    args = dict(out=DEFAULT_MODEL_DIR, data=DEFAULT_DATA_DIR, seed="0", size="S")
-    for arg in sys.argv[1:]:
-        key, _, value = arg.lstrip("-").partition("=")
-        if key not in args or not value:
-            sys.exit(f"usage: python model.py [--out=DIR] [--data=DIR] [--seed=N] [--size=S|L]; got {arg!r}")
-        args[key] = value
-    build_tiny_model(args["out"], args["data"], int(args["seed"]), args["size"])
+    cfg = common.parse_config(Config, sys.argv[1:])
+    build_tiny_model(cfg.out, cfg.data, cfg.seed, cfg.size)

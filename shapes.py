@@ -173,8 +173,8 @@ def options_for(rng, correct, pool):
 
 # -----------------------------------------------------------------------------
 # image tasks, each an Example
-# The dense tasks (grounding, segmentation, tracking) show one object: within the demo's 30 CPU minutes the tiny
-# model learns to read the prompt and copy (tracking's first box) but not to pick one object among several.
+# The dense tasks (grounding, segmentation, tracking) show one object: within the demo's CPU budget (`make demo`)
+# the tiny model learns to read the prompt and copy (tracking's first box) but not to pick one object among several.
 
 def options_up_to(options, letter):
     """The rationale's second sentence: the options read in order up to the one that matches. Answering the letter

@@ -14,7 +14,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-import model  # noqa: E402
+import model as model_lib  # noqa: E402
 
 VIDEO_FPS, VIDEO_FRAMES = 8, 24  # a 3 s clip; frame i is a flat colour with red = 10 * i
 # small budgets so a test batch stays a few hundred tokens
@@ -91,13 +91,13 @@ def suite_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def model_dir(suite_dir, tmp_path_factory):
-    return model.build_tiny_model(str(tmp_path_factory.mktemp("model")), str(suite_dir), seed=0)
+    return model_lib.build_tiny_model(str(tmp_path_factory.mktemp("model")), str(suite_dir), seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny(model_dir):
     """(model, processor) loaded once; tests must not modify the model."""
-    tiny_model, processor = model.load_model(model_dir)
+    tiny_model, processor = model_lib.load_model(model_dir)
     return tiny_model.eval(), processor
 
 
@@ -119,8 +119,9 @@ def torchrun(args, timeout=300):
     """(returncode, stderr) of `torchrun --nproc_per_node 2 ARGS` on CPU; on a timeout the launcher AND its ranks
     are killed (subprocess.run would kill only the launcher and leave hung ranks spinning)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + args
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")}  # project and conftest
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

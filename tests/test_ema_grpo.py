@@ -2,15 +2,14 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import torchrun
 
 from ema_grpo import TaskEMA, advantages, kl_penalty, ppo_loss
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def approx(values, rel=1e-6, abs=1e-9):
@@ -211,11 +210,8 @@ def _worker(out_dir):
 
 
 def test_two_ranks_share_the_ema_state(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.abspath(__file__), str(tmp_path)]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    returncode, stderr = torchrun([os.path.abspath(__file__), str(tmp_path)], timeout=120)
+    assert returncode == 0, stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["state"] == ranks[1]["state"]
 

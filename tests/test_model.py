@@ -6,9 +6,12 @@ import os
 import torch
 from conftest import TEST_MEDIA
 from safetensors.torch import load_file
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import data
-import model
+import memory
+import model as model_lib
+import rollout
 
 
 def test_save_load_round_trip_identical_logits(suite_dir, tiny, tmp_path):
@@ -16,7 +19,7 @@ def test_save_load_round_trip_identical_logits(suite_dir, tiny, tmp_path):
     rows = [data.load_rows(str(suite_dir / "rl.json"))[i] for i in (0, 2)]  # image + text, video
     tiny_model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    reloaded, reprocessor = model.load_model(str(tmp_path))
+    reloaded, reprocessor = model_lib.load_model(str(tmp_path))
     for row in rows:
         batch = data.collate([row], processor, TEST_MEDIA)
         batch2 = data.collate([row], reprocessor, TEST_MEDIA)
@@ -30,8 +33,8 @@ def weights(path):
 
 
 def test_build_is_deterministic_for_a_seed(suite_dir, model_dir, tmp_path):
-    again = model.build_tiny_model(str(tmp_path / "again"), str(suite_dir), seed=0)
-    other = model.build_tiny_model(str(tmp_path / "other"), str(suite_dir), seed=1)
+    again = model_lib.build_tiny_model(str(tmp_path / "again"), str(suite_dir), seed=0)
+    other = model_lib.build_tiny_model(str(tmp_path / "other"), str(suite_dir), seed=1)
     first, second, third = weights(model_dir), weights(again), weights(other)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -71,9 +74,8 @@ def test_chat_template_renders_qwen_format(tiny):
 def test_cpu_vision_tower_equals_hf(suite_dir, model_dir):
     """load_model's CPU vision tower (patch-embedding backward as a matmul, one attention call per chunk length)
     gives HF's logits exactly and its gradients up to float rounding, on a batch mixing image and video chunks."""
-    from transformers import Qwen3VLForConditionalGeneration
-    fast, processor = model.load_model(model_dir)
-    assert type(fast.model.visual.patch_embed) is model.CPUPatchEmbed
+    fast, processor = model_lib.load_model(model_dir)
+    assert type(fast.model.visual.patch_embed) is model_lib.CPUPatchEmbed
     hf = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa")
     rows = data.load_rows(str(suite_dir / "sft.json")) + data.load_rows(str(suite_dir / "rl.json"))[:3]
     batch = data.collate(rows, processor, TEST_MEDIA)
@@ -94,9 +96,51 @@ def test_vision_position_table_starts_as_a_position_code(model_dir):
     """The tiny model's vision position table is a sine-cosine code of the 16 x 16 grid, as strong as the patch
     content (not std-0.02 noise): rows and columns each get half the dims, and nearer cells have closer codes."""
     table = weights(model_dir)["model.visual.pos_embed.weight"]  # [256, 64]
-    assert torch.equal(table, model.sincos_positions(16, 64))
+    assert torch.equal(table, model_lib.sincos_positions(16, 64))
     grid = table.view(16, 16, 64)
     assert 0.6 < table.std() < 0.8
     assert torch.equal(grid[:, 3, :32], grid[:, 9, :32]) and torch.equal(grid[3, :, 32:], grid[9, :, 32:])
     distance = lambda a, b: (grid[a] - grid[b]).norm()
     assert distance((5, 5), (5, 6)) < distance((5, 5), (5, 12)) and distance((5, 5), (6, 5)) < distance((5, 5), (12, 5))
+
+
+def test_freeze_vision_leaves_trainable_what_llama_factory_leaves(tiny):
+    """LLaMA-Factory's freeze_vision_tower + freeze_multi_modal_projector on Qwen3-VL (the release's SFT) freezes
+    names containing visual.patch_embed, visual.blocks or visual.merger: on Qwen3-VL-8B's architecture the vision
+    position embedding and the three deepstack mergers stay trainable, and the whole language model."""
+    with torch.device("meta"):
+        big = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**memory.QWEN3_VL_8B))
+    model_lib.freeze_vision(big)
+    trainable = [name for name, p in big.named_parameters() if p.requires_grad and ".visual." in name]
+    assert trainable == ["model.visual.pos_embed.weight"] + [
+        f"model.visual.deepstack_merger_list.{i}.{layer}.{kind}"
+        for i in range(3) for layer in ("norm", "linear_fc1", "linear_fc2") for kind in ("weight", "bias")]
+    frozen = [name for name, p in big.named_parameters() if not p.requires_grad]
+    assert all(name.startswith(("model.visual.patch_embed.", "model.visual.blocks.", "model.visual.merger."))
+               for name in frozen) and any(".merger." in name for name in frozen)
+    assert all(p.requires_grad for name, p in big.named_parameters() if not name.startswith("model.visual."))
+
+
+def test_generation_stops_at_either_eos_of_the_generation_config(tiny, suite_dir):
+    """As Qwen3-VL-Instruct's generation_config: <|im_end|> and <|endoftext|> both end a response, in
+    train_rl.py and eval.py alike (model.stop_token_ids)."""
+    tiny_model, processor = tiny
+    tok = processor.tokenizer
+    end_of_text = tok.convert_tokens_to_ids("<|endoftext|>")
+    stop = model_lib.stop_token_ids(tiny_model, tok)
+    assert stop == sorted([tok.convert_tokens_to_ids("<|im_end|>"), end_of_text])
+    batch = data.collate([data.load_rows(str(suite_dir / "rl.json"))[3]], processor, TEST_MEDIA)
+
+    def end_of_text_at_step_3(module, args, logits):  # logits [B, L, V]: the 3rd new token is <|endoftext|>
+        calls.append(1)
+        if len(calls) == 3:
+            logits[:, -1, end_of_text] = 1e4
+        return logits
+    for eos, length, reason in ((stop, 3, "stop"), ([stop[1]], 6, "length")):
+        calls = []
+        hook = tiny_model.lm_head.register_forward_hook(end_of_text_at_step_3)
+        try:
+            out = rollout.generate(tiny_model, batch, max_new_tokens=6, temperature=0, eos_token_ids=eos)
+        finally:
+            hook.remove()
+        assert out["response_mask"].sum().item() == length and out["finish_reasons"] == [reason]

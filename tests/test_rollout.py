@@ -4,25 +4,23 @@ compaction, shared-prefill n-sampling equals sampling repeated prompts, the samp
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import TEST_MEDIA
+from conftest import TEST_MEDIA, torchrun
 
 import data
-import model
+import model as model_lib
 import rollout
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_NEW = 16
 
 
 def peaked_model(model_dir):
     """The tiny model with its text weights re-drawn at std 0.3. At the default init (0.02) a random model
     predicts the same token at every step, which would make token-for-token comparisons vacuous."""
-    tiny_model, processor = model.load_model(model_dir)
+    tiny_model, processor = model_lib.load_model(model_dir)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in tiny_model.model.language_model.parameters():
@@ -66,7 +64,6 @@ def test_greedy_matches_hf_generate_mixed_batch(peaked, suite_dir):
     reference = hf_greedy(tiny_model, inputs, [im_end(processor)])
     assert torch.equal(out["response_ids"], reference)
     assert all(len(set(row.tolist())) > 3 for row in reference)  # the comparison is not vacuous
-    assert torch.equal(out["prompt_ids"], inputs["input_ids"]) and torch.equal(out["prompt_mask"], inputs["attention_mask"])
 
 
 @pytest.mark.parametrize("which", [(2,), (3,)])
@@ -128,6 +125,57 @@ def test_shared_prompt_logprobs_equal_repeated_prompts(peaked, suite_dir):
     finally:
         tiny_model.gradient_checkpointing_disable()
         tiny_model.eval()
+
+
+def full_logits_logprobs(model, inputs, ids, mask, n):
+    """The pass token_logprobs replaced: one forward returning [R, T+1, vocab] logits, an fp32 log-softmax over
+    all of them."""
+    T = ids.shape[1]
+    counts = rollout.repeats(n, len(inputs["input_ids"]))
+    position_ids, next_pos = rollout.prompt_positions(model, inputs)
+    full = rollout.repeat_inputs(inputs, n)
+    prompt_mask = full["attention_mask"]
+    full["input_ids"] = torch.cat([full["input_ids"], ids], 1)
+    full["attention_mask"] = torch.cat([prompt_mask, mask], 1)
+    full["mm_token_type_ids"] = torch.nn.functional.pad(full["mm_token_type_ids"], (0, T))
+    position_ids = torch.cat([position_ids.repeat_interleave(counts, 1),
+                              rollout.response_positions(prompt_mask, next_pos, n, T)], 2)
+    logits = model(**full, position_ids=position_ids, logits_to_keep=T + 1).logits[:, :-1].float()  # [R, T, V]
+    logp = torch.log_softmax(rollout.no_media_tokens(model, logits), -1)
+    return logp.gather(-1, ids[..., None]).squeeze(-1) * mask
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_chunked_logprobs_equal_full_logits(peaked, suite_dir, monkeypatch, share):
+    """lm_head over 7 response tokens at a time, recomputed in backward == one pass over the full logits: values
+    and gradients, with 3, 1 and 2 responses for the three prompts (a micro-batch cut inside groups)."""
+    tiny_model, processor = peaked
+    monkeypatch.setattr(rollout, "LOGITS_CHUNK", 7)
+    inputs = mixed_batch(suite_dir, processor)
+    counts = [3, 1, 2]
+    gen = torch.Generator().manual_seed(2)
+    banned = set(processor.tokenizer.all_special_ids) | {tiny_model.config.image_token_id,
+                                                          tiny_model.config.video_token_id}
+    allowed = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in banned])
+    ids = allowed[torch.randint(len(allowed), (6, 10), generator=gen)]  # [R, T] text tokens only
+    mask = (torch.arange(10)[None] < torch.tensor([10, 4, 7, 1, 9, 6])[:, None]).long()  # [R, T] 47 tokens
+    weights = torch.randn(6, 10, generator=gen)  # a loss that weighs every token differently
+    results = []
+    for fn in (lambda: full_logits_logprobs(tiny_model, inputs, ids, mask, counts),
+               lambda: rollout.token_logprobs(tiny_model, inputs, ids, mask, counts, share_prompt=share)):
+        logp = fn()
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), {name: p.grad.clone() for name, p in tiny_model.named_parameters()
+                                        if p.grad is not None}))
+        tiny_model.zero_grad(set_to_none=True)
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
+    assert (chunked[mask == 0] == 0).all() and (chunked[mask == 1] < 0).all()
+    assert full_grads.keys() == chunked_grads.keys()
+    assert "model.language_model.embed_tokens.weight" in full_grads  # lm_head (tied to the embeddings)
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def test_repeat_inputs_equals_collating_repeated_rows(tiny, suite_dir):
@@ -279,11 +327,8 @@ def _worker(model_dir, suite_dir, out_dir):
 
 
 def test_fsdp_two_ranks_greedy_equals_unsharded(model_dir, suite_dir, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.abspath(__file__), model_dir, str(suite_dir), str(tmp_path)]
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.path.join(REPO, "tests")},
-                            capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-4000:]
+    returncode, stderr = torchrun([os.path.abspath(__file__), model_dir, str(suite_dir), str(tmp_path)], timeout=180)
+    assert returncode == 0, stderr[-4000:]
     for rank in range(2):
         got = json.load(open(tmp_path / f"rank{rank}.json"))
         assert got["same_tokens"] and got["resharded"] and got["length"] == 8 + 8 * rank, got

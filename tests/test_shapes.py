@@ -14,7 +14,6 @@ import rewards
 import shapes
 
 N = len(shapes.TASKS)
-QA_TYPES = ("multiple choice", "numerical", "regression", "math", "OCR", "open-ended")  # one row of every task per split
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,7 @@ def test_answers_are_valid_for_their_schema_and_score_full_reward(suite):
         overall, parts = rewards.score(response, gt, pt, dt)
         assert parts["format"] == 1.0 and parts["accuracy"] == pytest.approx(1.0), (pt, dt, gt, parts)
         assert overall == pytest.approx(1.5), (pt, dt)  # full accuracy, format and structure bonus
-        answer = rewards.parse_json_answer(gt) if pt not in QA_TYPES else None
+        answer = rewards.parse_json_answer(gt) if pt not in data.QA_TYPES else None
         boxes = []
         if answer is not None:
             if isinstance(answer.get("boxes"), dict):
@@ -65,7 +64,7 @@ def test_segmentation_masks_match_the_box_and_points(suite):
     rows = [r for r in load(suite, "eval") if r["problem_type"] == "segmentation"]
     assert {r["data_type"] for r in rows} == {"image", "video"}
     for row in rows:
-        answer = json.loads(data.strip_answer(row["solution"]))
+        answer = json.loads(rewards.answer_text(row["solution"]))
         if row["data_type"] == "image":
             mask = data.rle_decode(row["segmentation_output"])
         else:

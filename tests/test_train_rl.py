@@ -6,14 +6,16 @@ The runs use the untrained tiny model on open-ended rows: its random words overl
 ROUGE gives groups a spread of rewards (non-zero advantages) without any SFT first."""
 import copy
 import faulthandler
+import functools
 import json
+import math
 import os
 import shutil
 import sys
 
 import pytest
 import torch
-from conftest import TEST_MEDIA, torchrun
+from conftest import REPO, TEST_MEDIA, torchrun
 from safetensors.torch import load_file
 
 import common
@@ -57,30 +59,40 @@ def rl_args(suite_dir, model_dir, tmp_path_factory):
                  "problem_type": "multiple choice", "data_type": "image", "images": ["media/a.png"], "problem_id": 6})
     path = tmp_path_factory.mktemp("rl_data") / "rl.json"
     path.write_text(json.dumps(rows))
-    return [f"--model={model_dir}", f"--data={path}", f"--media_root={suite_dir}", "--prompts_per_step=2", "--n=4",
-            "--max_new_tokens=8", "--micro_batch_prompts=1", "--ppo_updates=2", "--lr=1e-3", "--max_refill_tries=2",
+    return [f"--model={model_dir}", f"--data={path}", f"--media_root={suite_dir}", "--prompts_per_step=2", "--group_size=4",
+            "--max_new_tokens=8", "--micro_batch_seqs=4", "--ppo_updates=2", "--lr=1e-3", "--max_refill_tries=2",
             "--image_max_pixels=6144", "--video_max_pixels=6144", "--max_frames=8", "--sample_every=1"]
 
 
-def micro_batch(tiny_model, processor, rows, n=2, seed=0):
-    """A PPO micro-batch for `rows` with random responses (no special or media tokens), old log-probs near the
-    current ones (some ratios leave the clip range) and advantages of both signs."""
+def random_groups(processor, rows, n=2, seed=0, length=6):
+    """A group per row: n random responses (no special or media tokens) of 2..length tokens, advantages of both
+    signs."""
     gen = torch.Generator().manual_seed(seed)
-    banned = set(processor.tokenizer.all_special_ids) | {tiny_model.config.image_token_id,
-                                                          tiny_model.config.video_token_id}
+    banned = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|video_pad|>"]))
     allowed = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in banned])
     groups = []
     for row in rows:
-        ids = allowed[torch.randint(len(allowed), (n, 6), generator=gen)]  # [n, T]
-        mask = (torch.arange(6)[None] < torch.randint(2, 7, (n, 1), generator=gen)).long()  # [n, T]
-        groups.append({"row": row, "response_ids": ids, "response_mask": mask})
-    cfg = train_rl.Config(n=n)
-    inputs, ids, mask = train_rl.micro_batch_inputs(groups, processor, TEST_MEDIA, None, cfg, torch.device("cpu"))
+        ids = allowed[torch.randint(len(allowed), (n, length), generator=gen)]  # [n, T]
+        mask = (torch.arange(length)[None] < torch.randint(2, length + 1, (n, 1), generator=gen)).long()  # [n, T]
+        groups.append({"row": row, "response_ids": ids, "response_mask": mask, "adv": torch.randn(n, generator=gen)})
+    return groups
+
+
+def micro_batch(tiny_model, processor, rows, n=2, seed=0):
+    """A PPO micro-batch of whole groups for `rows` (random_groups), with old log-probs near the current ones
+    (some ratios leave the clip range)."""
+    groups = random_groups(processor, rows, n, seed)
+    encode = functools.partial(data.collate, processor=processor, media_cfg=TEST_MEDIA)
+    seqs = [(g, j) for g in groups for j in range(n)]
+    inputs, counts, ids, mask = train_rl.micro_batch_inputs(seqs, encode, processor.tokenizer.pad_token_id,
+                                                            torch.device("cpu"))
     with torch.no_grad():
-        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, n)  # [mn, T]
+        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, counts)  # [mn, T]
+    gen = torch.Generator().manual_seed(seed + 100)
     old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=gen)) * mask  # [mn, T]
-    adv = torch.randn(len(rows) * n, generator=gen)  # [mn]
-    return {"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
+    adv = torch.cat([g["adv"] for g in groups])  # [mn]
+    return {"inputs": inputs, "counts": counts, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
 
 
 # -----------------------------------------------------------------------------
@@ -108,20 +120,20 @@ def test_ppo_step_skips_a_non_finite_update(model_dir, suite_dir):
     tiny_model, processor = model_lib.load_model(model_dir)
     rows = data.load_rows(str(suite_dir / "rl.json"))
     optimizer = torch.optim.AdamW(tiny_model.parameters(), lr=1e-3)
-    cfg = train_rl.Config(n=2)
+    cfg = train_rl.Config(group_size=2)
     mb = micro_batch(tiny_model, processor, rows[:2])
     start = copy.deepcopy(tiny_model.state_dict())
     for bad in (float("nan"), float("inf")):
         poisoned = {**mb, "adv": mb["adv"].clone().index_fill_(0, torch.tensor([1]), bad)}
         metrics = train_rl.ppo_step(tiny_model, optimizer, [poisoned], cfg)
-        assert metrics["skipped"] == 1.0
+        assert metrics["update_skipped"] == 1.0
         for name, p in tiny_model.state_dict().items():
             assert torch.equal(p, start[name]), name
         assert optimizer.state_dict()["state"] == {}  # AdamW took no step: its moments are untouched
         assert all(p.grad is None for p in tiny_model.parameters())
 
     metrics = train_rl.ppo_step(tiny_model, optimizer, [mb], cfg)  # training goes on
-    assert metrics["skipped"] == 0.0 and metrics["grad_norm"] > 0 and metrics["clip_frac"] > 0
+    assert metrics["update_skipped"] == 0.0 and metrics["grad_norm"] > 0 and metrics["clip_frac"] > 0
     changed = [name for name, p in tiny_model.state_dict().items() if not torch.equal(p, start[name])]
     assert changed and all(torch.isfinite(p).all() for p in tiny_model.parameters())
 
@@ -130,7 +142,7 @@ def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir
     """old_logp=None (ppo_updates=1 skips that forward) takes the same step as old log-probs recomputed by a
     no-grad forward of the same weights: same loss, gradient norm and weights after AdamW."""
     rows = data.load_rows(str(suite_dir / "rl.json"))
-    cfg = train_rl.Config(n=2)
+    cfg = train_rl.Config(group_size=2)
     results = []
     for recompute in (True, False):
         tiny_model, processor = model_lib.load_model(model_dir)
@@ -138,7 +150,7 @@ def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir
         mb = micro_batch(tiny_model, processor, rows[:2])
         if recompute:
             with torch.no_grad():
-                mb["old_logp"] = rollout.token_logprobs(tiny_model, mb["inputs"], mb["ids"], mb["mask"], cfg.n,
+                mb["old_logp"] = rollout.token_logprobs(tiny_model, mb["inputs"], mb["ids"], mb["mask"], mb["counts"],
                                                         cfg.share_prompt)
         else:
             mb["old_logp"] = None
@@ -150,6 +162,34 @@ def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir
         assert on_policy[key] == pytest.approx(recomputed[key], abs=1e-6), key
     for name in weights_a:
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sequence_micro_batches_take_the_step_of_whole_groups(model_dir, suite_dir):
+    """Two PPO steps (ppo_updates=2: mini-batches of 2 groups and 1 group of 4 responses, old log-probs
+    recomputed) with micro_batch_seqs=4 (one group per micro-batch, as micro-batches of prompts were), 3 (groups
+    cut inside: a prompt's responses in two micro-batches) and 8 (a mini-batch at once): the same losses,
+    gradient norms and weights."""
+    rows = data.load_rows(str(suite_dir / "rl.json"))[:3]  # image, image, video
+    results = []
+    for seqs, micro_batches in ((4, [2, 1]), (3, [3, 2]), (8, [1, 1])):
+        tiny_model, processor = model_lib.load_model(model_dir)
+        groups = random_groups(processor, rows, n=4, seed=5, length=8)
+        cfg = train_rl.Config(group_size=4, micro_batch_seqs=seqs, ppo_updates=2)
+        encode = functools.partial(data.collate, processor=processor, media_cfg=TEST_MEDIA)
+        mini_batches = train_rl.build_mini_batches(tiny_model, groups, encode, cfg, processor.tokenizer.pad_token_id,
+                                                   torch.device("cpu"))
+        assert [len(m) for m in mini_batches] == micro_batches
+        assert [sum(len(mb["adv"]) for mb in m) for m in mini_batches] == [8, 4]
+        metrics = train_rl.update(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=20.0), mini_batches, cfg,
+                                  None)
+        results.append((metrics, tiny_model.state_dict()))
+    (reference, weights), others = results[0], results[1:]
+    assert reference["update_skipped"] == 0.0 and reference["grad_norm"] > 0 and reference["clip_frac"] > 0
+    for metrics, other_weights in others:
+        for key in ("loss", "grad_norm", "ratio", "clip_frac", "approx_kl", "entropy"):
+            assert metrics[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key  # fp32 sums reordered
+        for name in weights:
+            torch.testing.assert_close(other_weights[name], weights[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_share_prompt_with_grad_checkpointing_is_refused(rl_args, tmp_path):
@@ -173,7 +213,7 @@ def test_resume_is_exact(rl_args, model_dir, tmp_path):
 
     full, resumed = read_metrics(full_dir), read_metrics(resumed_dir)
     assert sorted(full) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
-    updated = [step for step in full if full[step].get("skipped") == 0.0 and full[step]["grad_norm"] > 0]
+    updated = [step for step in full if full[step].get("update_skipped") == 0.0 and full[step]["grad_norm"] > 0]
     assert 3 in updated or 4 in updated  # the compared steps did train
     for step in (3, 4):
         keys = {key for key in full[step] if not key.startswith(("sec/", "reward_counters/"))}
@@ -220,9 +260,9 @@ def test_reward_exception_and_non_finite_reward_skip_the_step(rl_args, model_dir
 
     metrics = read_metrics(tmp_path)
     for step in (1, 2):
-        assert metrics[step]["reward_errors"] == 1.0 and metrics[step]["update_skipped"] == "reward error"
+        assert metrics[step]["reward_errors"] == 1.0 and metrics[step]["skip_reason"] == "reward error"
         assert "loss" not in metrics[step]
-    assert metrics[3]["reward_errors"] == 0.0 and metrics[3]["skipped"] == 0.0 and metrics[3]["grad_norm"] > 0
+    assert metrics[3]["reward_errors"] == 0.0 and metrics[3]["update_skipped"] == 0.0 and metrics[3]["grad_norm"] > 0
 
     start, _ = model_lib.load_model(model_dir)
     after_2, extra_2 = checkpoint_weights(model_dir, tmp_path / "ckpt" / "step_000002")
@@ -242,15 +282,53 @@ def test_filter_that_keeps_nothing_skips_the_update(rl_args, model_dir, tmp_path
     metrics = read_metrics(tmp_path)
     assert sorted(metrics) == [1, 2]
     for row in metrics.values():
-        assert row["filter_keep_rate"] == 0.0 and row["update_skipped"] == "no groups kept after filtering"
+        assert row["filter_keep_rate"] == 0.0 and row["skip_reason"] == "no groups kept after filtering"
         assert "loss" not in row and row["reward/all/overall"] >= 0
     _, extra = checkpoint_weights(model_dir, tmp_path / "ckpt" / "step_000002")
-    consumed = extra["sampler"]["epoch"] * 7 + extra["sampler"]["position"]  # 7 rows per epoch
-    assert consumed == 2 * 2 * 2  # steps x refill tries x prompts
+    assert extra["sampler"]["global"]["consumed"] == 2 * 2 * 2  # steps x refill tries x prompts
     start, _ = model_lib.load_model(model_dir)
     exported = exported_weights(tmp_path)
     for name, p in exported.items():
         assert torch.equal(p, start.state_dict()[name]), name
+
+
+def test_bf16_weights_train_two_steps(rl_args, model_dir, tmp_path):
+    """--param_dtype=bf16 (the release's bf16 weights and adamw_bf16): 2 steps on CPU update the bf16 weights; the
+    checkpoint holds KahanAdamW's bf16 moments and compensation, and the export is bf16."""
+    train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--max_steps=2", "--param_dtype=bf16", "--filter_groups=false",
+                             "--ppo_updates=1"])
+    metrics = read_metrics(tmp_path)
+    assert all(row["update_skipped"] == 0.0 for row in metrics.values())
+    assert any(row["grad_norm"] > 0 for row in metrics.values())  # a step whose rewards all tie has no gradient
+    start, _ = model_lib.load_model(model_dir, dtype=torch.bfloat16)
+    exported = exported_weights(tmp_path)
+    assert {p.dtype for p in exported.values()} == {torch.bfloat16}
+    assert any(not torch.equal(exported[name], p) for name, p in start.state_dict().items() if name in exported)
+    optimizer = common.KahanAdamW(start.parameters())
+    common.load_checkpoint(str(tmp_path / "ckpt" / "step_000002"), start, optimizer)
+    states = list(optimizer.state.values())
+    assert states and all(state["compensation"].dtype == torch.bfloat16 for state in states)
+    assert any(state["compensation"].abs().sum() > 0 for state in states)
+
+
+def test_kl_to_the_reference(rl_args, tmp_path):
+    """--kl_coef > 0 loads a frozen copy of the starting model: at step 1 the policy IS the reference (k3 KL exactly
+    0), after one update it is not (KL > 0, finite, and in the loss)."""
+    train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--max_steps=2", "--kl_coef=0.5", "--filter_groups=false",
+                             "--ppo_updates=1"])
+    metrics = read_metrics(tmp_path)
+    assert metrics[1]["kl"] == 0.0 and metrics[1]["grad_norm"] > 0
+    assert 0.0 < metrics[2]["kl"] < 10.0 and math.isfinite(metrics[2]["loss"])
+
+
+def test_torchrun_run_without_separator(rl_args, tmp_path):
+    """`torchrun --nproc_per_node 2 train_rl.py --max_steps=2 --group_size=4 ...`: no `--` before the options."""
+    returncode, stderr = torchrun([os.path.join(REPO, "train_rl.py")] + rl_args +
+                                  [f"--out_dir={tmp_path}", "--max_steps=2", "--filter_groups=false", "--ppo_updates=1"])
+    assert returncode == 0, stderr[-4000:]
+    metrics = read_metrics(tmp_path)
+    assert sorted(metrics) == [1, 2] and all(row["update_skipped"] == 0.0 for row in metrics.values())
+    assert os.path.isfile(tmp_path / "hf" / "model.safetensors")
 
 
 # -----------------------------------------------------------------------------
@@ -281,7 +359,7 @@ def _worker(model_dir, work_dir):
     micro_batches = torch.load(os.path.join(work_dir, "micro_batches.pt"))
     half = len(micro_batches) // world_size
     metrics = train_rl.ppo_step(tiny_model, optimizer, micro_batches[rank * half:(rank + 1) * half],
-                                train_rl.Config(n=2))
+                                train_rl.Config(group_size=2))
     common.export_hf(tiny_model, processor, os.path.join(work_dir, "hf"))
     advs, ema_state = ema_run(EMA_SCORES[rank], group_offset=100 * rank)
     with open(os.path.join(work_dir, f"rank{rank}.json"), "w") as f:
@@ -306,10 +384,10 @@ def test_torchrun_update_and_task_ema_match_one_process(model_dir, suite_dir, tm
     # one process, all four micro-batches, one optimizer step
     start = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     single = train_rl.ppo_step(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=1.0), micro_batches,
-                               train_rl.Config(n=2))
+                               train_rl.Config(group_size=2))
     ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     assert ranks[0]["metrics"] == ranks[1]["metrics"]  # all-reduced: every rank logs the same numbers
-    assert single["skipped"] == 0.0 and single["clip_frac"] > 0
+    assert single["update_skipped"] == 0.0 and single["clip_frac"] > 0
     for key, value in single.items():
         assert ranks[0]["metrics"][key] == pytest.approx(value, abs=1e-5), key
     exported = exported_weights(tmp_path)
@@ -332,3 +410,20 @@ def test_torchrun_update_and_task_ema_match_one_process(model_dir, suite_dir, tm
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+
+
+def test_reward_model_gets_problem_reserved_text(monkeypatch):
+    """The release passes each row's problem_reserved_text as the reward model's prompt (rows without one: the
+    problem)."""
+    seen = []
+
+    def capture(items, *args, **kwargs):
+        seen.extend(item["problem"] for item in items)
+        return [{"overall": 0.0, "accuracy": 0.0, "format": 0.0, "structure_reward": 0.0} for _ in items]
+    monkeypatch.setattr(rewards, "compute_score", capture)
+    base = {"kind": "rl", "answer": "a", "problem_type": "open-ended", "data_type": "image", "source": "s"}
+    groups = [{"row": {**base, "problem": "<image>What is it?", "problem_reserved_text": "What is it?"},
+               "texts": ["x", "y"]},
+              {"row": {**base, "problem": "Why?"}, "texts": ["x", "y"]}]
+    train_rl.score_groups(groups, train_rl.Config(group_size=2))
+    assert seen == ["What is it?", "What is it?", "Why?", "Why?"]
