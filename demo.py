@@ -140,11 +140,11 @@ def blind_baselines(data_dir, candidates=100, sample=300):
         held_out = json.load(f)
     train, test = {}, {}
     for row in sft:
-        answer = data.strip_answer(row["messages"][1]["content"])
+        answer = rewards.answer_text(row["messages"][1]["content"])
         train.setdefault((row["problem_type"], row["data_type"]), []).append((row["messages"][0]["content"], answer))
     for row in held_out:
         test.setdefault((row["problem_type"], row["data_type"]), []).append(
-            (row["problem"], data.strip_answer(row["solution"])))
+            (row["problem"], rewards.answer_text(row["solution"])))
     rng = np.random.default_rng(0)
 
     def score(guess, rows):  # guess: question -> answer

@@ -11,7 +11,6 @@ template. Nothing here downloads anything.
 """
 import glob
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -64,7 +63,6 @@ MROPE_SECTION = [6, 5, 5]  # t, h, w frequency split; sums to HEAD_DIM / 2 as Qw
 # steps of 16 rows): with 64 tokens per 128 px image the model began to read where the object is (box IoU 0.21),
 # with 16 tokens it stayed blind (IoU 0.09, every answer "middle centre").
 PATCH, MERGE, TEMPORAL_PATCH = 16, 1, 2
-ROPE_THETA = 5_000_000.0  # Qwen3-VL-8B's
 
 
 # -----------------------------------------------------------------------------
@@ -122,7 +120,7 @@ def tiny_config(tokenizer, size="S"):
             vocab_size=vocab, hidden_size=s["hidden"], intermediate_size=s["mlp"], num_hidden_layers=s["layers"],
             num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"], head_dim=HEAD_DIM,
             max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
-            rope_parameters=dict(rope_type="default", rope_theta=ROPE_THETA, mrope_section=MROPE_SECTION,
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=MROPE_SECTION,
                                  mrope_interleaved=True),
             pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], bos_token_id=None,
         ),
@@ -149,29 +147,12 @@ def build_processor(tokenizer):
                             chat_template=CHAT_TEMPLATE)
 
 
-def sincos_positions(side, dim):
-    """[side * side, dim] a 2D sine-cosine code of a side x side grid, row-major: the first half of the dims code the
-    row, the second half the column, dim / 4 periods each from 2 * side cells down to 2, amplitude 1."""
-    periods = 2 * side * (1 / side) ** (torch.arange(dim // 4) / (dim // 4 - 1))  # [dim/4]
-    cells = torch.arange(side, dtype=torch.float32)[:, None] * (2 * math.pi / periods)  # [side, dim/4]
-    code = torch.cat([cells.sin(), cells.cos()], 1)  # [side, dim/2]
-    rows, columns = code[:, None, :].expand(side, side, -1), code[None, :, :].expand(side, side, -1)
-    return torch.cat([rows, columns], 2).reshape(side * side, dim)
-
-
 def build_tiny_model(out_dir, data_dir=DEFAULT_DATA_DIR, seed=0, size="S"):
     """Train the tokenizer on the suite's text, build a random-init Qwen3-VL, save both with save_pretrained."""
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(corpus_from_suite(data_dir))
     processor = build_processor(tokenizer)
     model = Qwen3VLForConditionalGeneration(tiny_config(tokenizer, size))
-    # The vision tower's learned position table starts as a sine-cosine code of where each patch is, not as noise:
-    # initialised at std 0.02 it was ~60x weaker than a patch's content (std 1.3), and 1,300 SFT steps on the
-    # demo left it at std 0.04: the model learned one axis of where an object is (box centre correlation 0.76)
-    # and not the other (0.19).
-    with torch.no_grad():
-        visual = model.model.visual
-        visual.pos_embed.weight.copy_(sincos_positions(visual.num_grid_per_side, visual.pos_embed.embedding_dim))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     # as Qwen3-VL-Instruct's generation_config.json: a response ends at <|im_end|> or <|endoftext|>
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]

@@ -92,18 +92,6 @@ def test_cpu_vision_tower_equals_hf(suite_dir, model_dir):
     assert hf_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0
 
 
-def test_vision_position_table_starts_as_a_position_code(model_dir):
-    """The tiny model's vision position table is a sine-cosine code of the 16 x 16 grid, as strong as the patch
-    content (not std-0.02 noise): rows and columns each get half the dims, and nearer cells have closer codes."""
-    table = weights(model_dir)["model.visual.pos_embed.weight"]  # [256, 64]
-    assert torch.equal(table, model_lib.sincos_positions(16, 64))
-    grid = table.view(16, 16, 64)
-    assert 0.6 < table.std() < 0.8
-    assert torch.equal(grid[:, 3, :32], grid[:, 9, :32]) and torch.equal(grid[3, :, 32:], grid[9, :, 32:])
-    distance = lambda a, b: (grid[a] - grid[b]).norm()
-    assert distance((5, 5), (5, 6)) < distance((5, 5), (5, 12)) and distance((5, 5), (6, 5)) < distance((5, 5), (12, 5))
-
-
 def test_freeze_vision_leaves_trainable_what_llama_factory_leaves(tiny):
     """LLaMA-Factory's freeze_vision_tower + freeze_multi_modal_projector on Qwen3-VL (the release's SFT) freezes
     names containing visual.patch_embed, visual.blocks or visual.merger: on Qwen3-VL-8B's architecture the vision

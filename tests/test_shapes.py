@@ -156,18 +156,18 @@ def test_video_keyframes_options_and_windows_vary(tmp_path):
     shapes.generate_suite(out, seed=0, n_sft=1, n_rl=1, n_eval=36, workers=1,
                           tasks="video_segmentation,video_multiple_choice,video_temporal")
     rows = load(out, "eval")
-    seg = [json.loads(data.strip_answer(r["solution"])) for r in rows if r["problem_type"] == "segmentation"]
+    seg = [json.loads(rewards.answer_text(r["solution"])) for r in rows if r["problem_type"] == "segmentation"]
     assert len({a["time"] for a in seg}) > 1
     for row in (r for r in rows if r["problem_type"] == "segmentation"):
-        key_frame = int(json.loads(data.strip_answer(row["solution"]))["time"] * shapes.FPS)
+        key_frame = int(json.loads(rewards.answer_text(row["solution"]))["time"] * shapes.FPS)
         visible = [data.rle_decode(row["segmentation_output"][str(f)]).any() for f in range(shapes.FPS * shapes.SECONDS)]
         assert visible.index(True) == key_frame and all(visible[key_frame:])  # the first frame in view
     choice = [r for r in rows if r["problem_type"] == "multiple choice"]
     assert len({tuple(r["options"]) for r in choice}) > 1 and len({r["solution"] for r in choice}) > 1
     for row in choice:  # the answer letter names the direction the question's shape moves
-        letter = data.strip_answer(row["solution"])
+        letter = rewards.answer_text(row["solution"])
         assert any(o.startswith(letter + ". ") for o in row["options"])
-    windows = {tuple(json.loads(data.strip_answer(r["solution"]))["time"]) for r in rows
+    windows = {tuple(json.loads(rewards.answer_text(r["solution"]))["time"]) for r in rows
                if r["problem_type"] == "temporal grounding"}
     assert len(windows) > 3 and all(1.0 <= e - s <= 2.0 for s, e in windows)
 
