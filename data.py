@@ -19,6 +19,7 @@ import av
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 from transformers.video_utils import VideoMetadata
 
 import common
@@ -304,26 +305,35 @@ def normalise_row(row, index, path, media_root, check_media=True):
 def load_rows(path, media_root=None, skip_bad_rows=False, check_media=True):
     """Rows of a JSON list / JSONL file in any of the three released shapes, validated and normalised.
 
-    media_root defaults to the file's directory. A bad row raises ValueError naming file, row, field, value;
-    with skip_bad_rows=True bad rows are dropped and counted in one printed line. check_media=False only checks
-    that media files exist (for very large files; decoding still fails loudly later, naming the row).
+    media_root defaults to the file's directory. A bad row raises ValueError naming file, row, field, value (the
+    first bad row of the file); with skip_bad_rows=True bad rows are dropped and counted in one printed line.
+    check_media=True also opens every media file's header (check_media_file), the rows split over ranks (rank r
+    opens those of rows r, r + W, ...; collective: every rank calls load_rows) with a progress bar on rank 0.
+    check_media=False only checks that media files exist (for very large files; decoding still fails at run
+    time, naming the row).
     """
     media_root = os.path.dirname(os.path.abspath(path)) if media_root is None else media_root
     raw = read_json_rows(path)
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a JSON list of rows (or JSONL), got {type(raw).__name__}")
-    rows, errors = [], []
-    for index, row in enumerate(raw):
+    rank, world_size = common._rank(), common._world_size()
+    rows, errors = {}, {}  # by row index
+    bar = tqdm(raw, desc=f"checking media of {os.path.basename(path)} ({world_size} rank(s))", unit="row",
+               disable=not check_media or rank != 0, dynamic_ncols=True)
+    for index, row in enumerate(bar):
         try:
-            rows.append(normalise_row(row, index, path, media_root, check_media))
+            rows[index] = normalise_row(row, index, path, media_root, check_media and index % world_size == rank)
         except ValueError as e:
-            if not skip_bad_rows:
-                raise
-            errors.append(str(e).removeprefix(f"{path}: "))
+            errors[index] = str(e)
+    if check_media:  # every rank learns what the others found in their share
+        errors.update(common.all_gather_list(errors.items()))
+    if errors and not skip_bad_rows:
+        raise ValueError(errors[min(errors)])
     if errors:
-        shown = ", ".join(errors[:3]) + (", ..." if len(errors) > 3 else "")
-        print(f"skipped {len(errors)} of {len(raw)} rows of {path}: {shown}")
-    return rows
+        shown = [errors[i].removeprefix(f"{path}: ") for i in sorted(errors)[:3]]
+        print(f"skipped {len(errors)} of {len(raw)} rows of {path}: {', '.join(shown)}"
+              + (", ..." if len(errors) > 3 else ""))
+    return [row for index, row in rows.items() if index not in errors]
 
 
 def ground_truth(row):
@@ -524,19 +534,26 @@ def collate(rows, processor, media_cfg=None, templates=None, with_answer=False, 
     cache: a dict kept by the caller; rows already encoded (by their "source") skip media decode and the
     processor, which dominate a tiny model's step on CPU.
     """
-    encoded = []
-    for row in rows:
-        key = (row["source"], with_answer)
-        if cache is not None and key in cache:
-            encoded.append(cache[key])
-            continue
-        item = encode_row(row, processor, media_cfg, templates, with_answer)
-        if cache is not None:
-            cache[key] = item
-        encoded.append(item)
+    encoded = [encode_cached(row, processor, media_cfg, templates, with_answer, cache) for row in rows]
+    return pad_batch(encoded, processor.tokenizer.pad_token_id, with_answer)
+
+
+def encode_cached(row, processor, media_cfg=None, templates=None, with_answer=False, cache=None):
+    """encode_row, looked up in (and stored into) `cache` by the row's source when a cache is given."""
+    key = (row["source"], with_answer)
+    if cache is not None and key in cache:
+        return cache[key]
+    item = encode_row(row, processor, media_cfg, templates, with_answer)
+    if cache is not None:
+        cache[key] = item
+    return item
+
+
+def pad_batch(encoded, pad_id, with_answer=False):
+    """encode_row's items -> collate's left-padded batch of tensors."""
     length = max(len(e["ids"]) for e in encoded)
     batch = {
-        "input_ids": left_pad([e["ids"] for e in encoded], length, processor.tokenizer.pad_token_id),  # [B, L]
+        "input_ids": left_pad([e["ids"] for e in encoded], length, pad_id),  # [B, L]
         "attention_mask": left_pad([[1] * len(e["ids"]) for e in encoded], length, 0),  # [B, L]
         "mm_token_type_ids": left_pad([e["types"] for e in encoded], length, 0),  # [B, L]
     }

@@ -19,6 +19,8 @@ What it leaves out of the release (EasyR1/verl): vLLM and Ray (our own KV-cache 
 weights, one process per GPU), sequence packing / dynamic batch sizes, and the reward-model server's
 deployment (rewards.py has the client; pass --reward_model_url). KL to a reference is off, as released.
 """
+import concurrent.futures
+import copy
 import dataclasses
 import functools
 import json
@@ -52,6 +54,7 @@ class Config:
     data: str = os.path.join(model_lib.DEFAULT_DATA_DIR, "rl.json")
     media_root: str | None = None  # folder the media paths are relative to; None: the data file's folder
     skip_bad_rows: bool = False  # drop malformed rows (counted in a log line) instead of stopping
+    check_media: bool = True  # open every media file's header at start-up (the files split over ranks)
     prompt_template: str | None = None  # JSON problem_type -> type line, to match a released checkpoint's prompt
     out_dir: str = "runs/rl"
     resume: bool = False
@@ -65,6 +68,7 @@ class Config:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); false: the eager loop
     balance_modalities: bool = True  # interleave image and video rows in the prompt order
     # online filtering (SPEC 6): drop groups whose mean accuracy is <= low or >= high, refill up to max tries
     filter_groups: bool = True
@@ -113,33 +117,35 @@ PRESETS = {
                     micro_batch_prompts=1, rollout_batch_prompts=2, lr=2e-6, weight_decay=0.01,
                     grad_checkpointing=True, bf16=True,
                     share_prompt=False,  # gradient checkpointing (needed at 8B) drops the prompt's KV cache
-                    balance_modalities=False, cache_inputs=False, sample_every=10, save_every=25),
+                    balance_modalities=False, cache_inputs=False, compile=True, sample_every=10, save_every=25),
 }
 
 
 # -----------------------------------------------------------------------------
 # one rollout step's pieces
 
-def roll_out(model, encode, rows, cfg, generator, device, stop_ids, tokenizer):
-    """Generate group_size responses for each row, rollout_batch_prompts rows per generate call (bounds the KV
-    cache). encode: rows -> model inputs (data.collate with this run's processor and media settings).
-    Returns one group per row: {"row", "texts", "response_ids" [G, T_i], "response_mask" [G, T_i], "finish"}."""
+def roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer):
+    """Generate group_size responses for each (row, encoded row) of batch, rollout_batch_prompts rows per generate
+    call (bounds the KV cache).
+    Returns one group per row: {"row", "item" (its encoded prompt, reused by the update), "texts",
+    "response_ids" [G, T_i], "response_mask" [G, T_i], "finish"}."""
     groups, G = [], cfg.group_size
     model.eval()
-    for start in range(0, len(rows), cfg.rollout_batch_prompts):
-        chunk = rows[start:start + cfg.rollout_batch_prompts]
-        inputs = {k: v.to(device) for k, v in encode(chunk).items()}
+    for start in range(0, len(batch), cfg.rollout_batch_prompts):
+        chunk = batch[start:start + cfg.rollout_batch_prompts]
+        inputs = data.pad_batch([item for _, item in chunk], tokenizer.pad_token_id)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad(), common.autocast(cfg.bf16, device):
             out = rollout.generate(model, inputs, n=G, max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                   generator=generator, eos_token_ids=stop_ids)
+                                   generator=generator, eos_token_ids=stop_ids, compile=cfg.compile)
         lengths = out["response_mask"].sum(1).tolist()  # [B*G]
         texts = [tokenizer.decode(ids[:length], skip_special_tokens=True)
                  for ids, length in zip(out["response_ids"].tolist(), lengths)]
-        for i, row in enumerate(chunk):
+        for i, (row, item) in enumerate(chunk):
             sl = slice(i * G, (i + 1) * G)
             length = max(lengths[sl])
-            groups.append({"row": row, "texts": texts[sl],
+            groups.append({"row": row, "item": item, "texts": texts[sl],
                            "response_ids": out["response_ids"][sl, :length].cpu(),  # [G, T_i]
                            "response_mask": out["response_mask"][sl, :length].cpu(),  # [G, T_i]
                            "finish": out["finish_reasons"][sl]})
@@ -172,7 +178,39 @@ def keep_group(group, cfg):
     return cfg.filter_low < mean_acc < cfg.filter_high
 
 
-def collect_groups(model, encode, rows, sampler, cfg, generator, device, stop_ids, tokenizer, timing):
+class Prefetcher:
+    """Encoded prompts (media decode and the processor) prepared ahead on a background thread: ahead(rows) starts on
+    the rows the sampler draws next while this batch generates and scores; prefetcher(row) returns a row's encoded
+    item, waiting for it if it was sent ahead. All encoding runs on that one thread, in order (the processor is
+    not thread-safe), and a row whose encoding raises raises where it is asked for, as without prefetching."""
+
+    def __init__(self, encode_row):
+        self.encode_row = encode_row
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending = {}  # row source -> Future of its item
+
+    def ahead(self, rows):
+        pending, self.pending = self.pending, {}
+        for row in rows:
+            self.pending[row["source"]] = pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
+        for future in pending.values():  # sent ahead but not drawn after all
+            future.cancel()
+
+    def __call__(self, row):
+        future = self.pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
+        return future.result()
+
+
+def draw_batch(rows, sampler, n, prefetcher):
+    """The sampler's next n rows with their encoded prompts [(row, item)], then the n after them sent ahead: the
+    sampler draws those next, for a refill or the next step (a copy of it tells which, so a checkpoint's sampler
+    state is what it would be without prefetching)."""
+    batch = [(row, prefetcher(row)) for row in (rows[i] for i in sampler.next_batch(n))]
+    prefetcher.ahead([rows[i] for i in copy.deepcopy(sampler).next_batch(n)])
+    return batch
+
+
+def collect_groups(model, prefetcher, rows, sampler, cfg, generator, device, stop_ids, tokenizer, timing):
     """Rollout + reward + online filtering for one step: roll out and score batches of this rank's prompts until
     every rank holds prompts_per_step / world_size kept groups, or max_refill_tries batches ran.
 
@@ -186,8 +224,10 @@ def collect_groups(model, encode, rows, sampler, cfg, generator, device, stop_id
     kept, rolled, tried, reward_error = [], [], 0, False
     while True:
         t0 = time.perf_counter()
-        batch_rows = [rows[i] for i in sampler.next_batch(per_rank)]
-        groups = roll_out(model, encode, batch_rows, cfg, generator, device, stop_ids, tokenizer)
+        batch = draw_batch(rows, sampler, per_rank, prefetcher)
+        timing["data"] += time.perf_counter() - t0  # waiting for media: ~0 while the prefetch keeps up
+        t0 = time.perf_counter()
+        groups = roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer)
         timing["rollout"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         try:
@@ -196,9 +236,13 @@ def collect_groups(model, encode, rows, sampler, cfg, generator, device, stop_id
             traceback.print_exc()
             groups, reward_error = [], True
         timing["reward"] += time.perf_counter() - t0
-        tried += len(batch_rows)
+        tried += len(batch)
         rolled += groups
-        kept += [g for g in groups if keep_group(g, cfg)]
+        for g in groups:
+            if keep_group(g, cfg):
+                kept.append(g)
+            else:
+                del g["item"]  # the update gets kept groups only: their media are freed now
         # one decision for all ranks: a rollout runs FSDP forwards, so every rank must roll out equally often
         any_rank = common.all_reduce({"short": float(len(kept) < per_rank), "reward_error": float(reward_error)},
                                      "max")
@@ -208,10 +252,11 @@ def collect_groups(model, encode, rows, sampler, cfg, generator, device, stop_id
     return kept[:n_groups], rolled, tried, bool(any_rank["reward_error"])
 
 
-def micro_batch_inputs(groups, encode, cfg, pad_id, device):
-    """Model inputs for a micro-batch of groups: the prompts once (token_logprobs repeats them for the group),
-    responses right-padded to the longest: (inputs, response_ids [m*G, T], response_mask [m*G, T])."""
-    inputs = encode([g["row"] for g in groups])
+def micro_batch_inputs(groups, cfg, pad_id, device):
+    """Model inputs for a micro-batch of groups: the prompts once (token_logprobs repeats them for the group), as
+    the rollout encoded them (no second media decode), responses right-padded to the longest:
+    (inputs, response_ids [m*G, T], response_mask [m*G, T])."""
+    inputs = data.pad_batch([g["item"] for g in groups], pad_id)
     T, G = max(g["response_ids"].shape[1] for g in groups), cfg.group_size
     response_ids = torch.full((len(groups) * G, T), pad_id, dtype=torch.long)  # [mG, T]
     response_mask = torch.zeros(len(groups) * G, T, dtype=torch.long)  # [mG, T]
@@ -223,7 +268,7 @@ def micro_batch_inputs(groups, encode, cfg, pad_id, device):
     return inputs, response_ids.to(device), response_mask.to(device)
 
 
-def build_micro_batches(model, kept, encode, cfg, pad_id, device):
+def build_micro_batches(model, kept, cfg, pad_id, device):
     """The update's micro-batches of micro_batch_prompts groups each: inputs, responses, advantages, and the old
     log-probs under the policy that sampled (recomputed with the training forward, as released).
 
@@ -233,7 +278,7 @@ def build_micro_batches(model, kept, encode, cfg, pad_id, device):
     micro_batches = []
     for start in range(0, len(kept), cfg.micro_batch_prompts):
         chunk = kept[start:start + cfg.micro_batch_prompts]
-        inputs, ids, mask = micro_batch_inputs(chunk, encode, cfg, pad_id, device)
+        inputs, ids, mask = micro_batch_inputs(chunk, cfg, pad_id, device)
         old_logp = None
         if cfg.ppo_updates > 1:
             with torch.no_grad(), common.autocast(cfg.bf16, device):
@@ -381,9 +426,9 @@ def main(argv):
                                   weight_decay=cfg.weight_decay)
     tracker = ema_grpo.TaskEMA(decay=cfg.ema_decay, min_std=cfg.min_std)
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
-    encode = functools.partial(data.collate, processor=processor, media_cfg=data.media_config(cfg),
-                               templates=templates, cache={} if cfg.cache_inputs else None)
-    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows)
+    prefetcher = Prefetcher(functools.partial(data.encode_cached, processor=processor, templates=templates,
+                                              media_cfg=data.media_config(cfg), cache={} if cfg.cache_inputs else None))
+    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows, check_media=cfg.check_media)
     strata = [str(r["data_type"]) for r in rows] if cfg.balance_modalities else None
     sampler = data.ShardedSampler(len(rows), rank, world_size, seed=cfg.seed, strata=strata)
     tokenizer = processor.tokenizer
@@ -409,10 +454,10 @@ def main(argv):
               f"{cfg.max_steps} steps, world size {world_size}, device {device}")
     bar = tqdm(total=cfg.max_steps, initial=step, desc="rl", disable=rank != 0, dynamic_ncols=True)
     while step < cfg.max_steps:
-        timing = {"rollout": 0.0, "reward": 0.0}  # seconds per phase of this step
+        timing = {"data": 0.0, "rollout": 0.0, "reward": 0.0}  # seconds per phase of this step
 
         # --- rollout + reward + online filtering (refilled until every rank has its prompts or tries run out)
-        kept, rolled, tried, reward_error = collect_groups(model, encode, rows, sampler, cfg, generator, device,
+        kept, rolled, tried, reward_error = collect_groups(model, prefetcher, rows, sampler, cfg, generator, device,
                                                            stop_ids, tokenizer, timing)
 
         # --- advantages: the task EMA is updated with every rank's kept scores first (SPEC 5)
@@ -429,7 +474,7 @@ def main(argv):
 
         # --- old log-probs (only when ppo_updates > 1), then the update
         t0 = time.perf_counter()
-        micro_batches = build_micro_batches(model, kept, encode, cfg, tokenizer.pad_token_id, device)
+        micro_batches = build_micro_batches(model, kept, cfg, tokenizer.pad_token_id, device)
         timing["old_logp"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         update_metrics = update(model, optimizer, micro_batches, cfg, ref_model) if kept else {}
@@ -466,6 +511,7 @@ def main(argv):
 
     if step == cfg.max_steps:
         common.export_hf(model, processor, os.path.join(cfg.out_dir, "hf"))
+    prefetcher.worker.shutdown(cancel_futures=True)
     logger.close()
     common.cleanup()
 

@@ -6,7 +6,6 @@ The runs use the untrained tiny model on open-ended rows: its random words overl
 ROUGE gives groups a spread of rewards (non-zero advantages) without any SFT first."""
 import copy
 import faulthandler
-import functools
 import json
 import math
 import os
@@ -75,11 +74,10 @@ def micro_batch(tiny_model, processor, rows, n=2, seed=0):
     for row in rows:
         ids = allowed[torch.randint(len(allowed), (n, 6), generator=gen)]  # [n, T]
         mask = (torch.arange(6)[None] < torch.randint(2, 7, (n, 1), generator=gen)).long()  # [n, T]
-        groups.append({"row": row, "response_ids": ids, "response_mask": mask})
+        groups.append({"row": row, "item": data.encode_row(row, processor, TEST_MEDIA), "response_ids": ids,
+                       "response_mask": mask})
     cfg = train_rl.Config(group_size=n)
-    encode = functools.partial(data.collate, processor=processor, media_cfg=TEST_MEDIA)
-    inputs, ids, mask = train_rl.micro_batch_inputs(groups, encode, cfg, processor.tokenizer.pad_token_id,
-                                                    torch.device("cpu"))
+    inputs, ids, mask = train_rl.micro_batch_inputs(groups, cfg, processor.tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, n)  # [mn, T]
     old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=gen)) * mask  # [mn, T]
