@@ -57,9 +57,11 @@ class Config:
     model: str = model_lib.DEFAULT_MODEL_DIR  # a save_pretrained directory; the default tiny model is built if missing
     data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
     media_root: str | None = None  # folder the rows' media paths are relative to; None: each data file's folder
+    check_media: bool = True  # open every media file's header before generating (false: only that it exists)
     out_dir: str | None = None  # None: runs/eval/<model folder name>
     batch_size: int = 16
     max_new_tokens: int = 512
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; same tokens); false: the eager loop
     prompt_template: str | None = None  # JSON problem_type -> type line, to match a released checkpoint's prompt
     limit: int = 0  # evaluate the first N rows of each file; 0 = all
     bf16: bool = False  # bf16 weights (on GPU); fp32 otherwise
@@ -69,7 +71,8 @@ class Config:
     mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
 
 
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True)}  # the release's eval settings
+# the release's eval settings, with our decode step compiled
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True, compile=True)}
 FAILURES = ("parse_failed", "media_missing", "sam2_failed")  # counted per task, each scores 0
 RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningless"
@@ -611,7 +614,7 @@ def end_with_newline(path):
                 f.write(b"\n")
 
 
-def load_eval_rows(path, media_root):
+def load_eval_rows(path, media_root, check_media=True):
     """data.load_rows's validation, except that a row with a missing media file is kept and marked
     `media_missing` (SPEC 7: it scores 0 and is counted, never dropped)."""
     rows = []
@@ -622,7 +625,7 @@ def load_eval_rows(path, media_root):
         if files and not all(os.path.isfile(f) for f in files):
             rows.append({**raw, "media_missing": True})
         else:
-            rows.append(data.normalise_row(raw, index, path, media_root))
+            rows.append(data.normalise_row(raw, index, path, media_root, check_media))
     return rows
 
 
@@ -630,7 +633,8 @@ def generate_batch(model, processor, rows, cfg, templates, device):
     """Greedy responses for rows whose media exist: (texts, finish reasons)."""
     inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.EVAL_MEDIA, templates).items()}
     out = rollout.generate(model, inputs, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
-                           top_k=0, generator=None, eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer))
+                           top_k=0, generator=None, eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer),
+                           compile=cfg.compile)
     ids, mask = out["response_ids"].cpu(), out["response_mask"].cpu().bool()  # [B, T]
     texts = [processor.tokenizer.decode(ids[i][mask[i]], skip_special_tokens=True) for i in range(len(rows))]
     return texts, out["finish_reasons"]
@@ -665,7 +669,7 @@ def output_dir(cfg):
 def evaluate_file(cfg, path, model, processor, templates, rank, world_size, device, sam2_cache):
     """Generate and score this rank's unfinished rows of one eval file; rank 0 returns the file's metrics."""
     media_root = cfg.media_root or os.path.dirname(os.path.abspath(path))
-    rows = load_eval_rows(path, media_root)
+    rows = load_eval_rows(path, media_root, cfg.check_media)
     rows = rows[:cfg.limit] if cfg.limit else rows
     folder = os.path.join(output_dir(cfg), os.path.splitext(os.path.basename(path))[0])
     done = read_records(folder)

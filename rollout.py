@@ -156,7 +156,7 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def decode_step(model, tokens, positions, cache, slot, key_mask):
+def decode_step(model, tokens, positions, cache, slot, key_mask, length):
     """Logits [A, V] for one new token per row. tokens [A], positions [3, A] their rope positions, cache a list of
     (keys, values) per layer, each [A, kv_heads, S, head_dim], this token's K/V written at `slot` (a [1] long
     tensor), key_mask [A, S] bool (which cached keys a row attends to; columns after `slot` are ignored).
@@ -173,8 +173,7 @@ def decode_step(model, tokens, positions, cache, slot, key_mask):
     h = lm.embed_tokens(tokens)[:, None]  # [A, 1, H]
     cos, sin = lm.rotary_emb(h, positions[:, :, None])  # [A, 1, D] each
     cos, sin = cos[:, None], sin[:, None]  # [A, 1, 1, D] broadcast over heads
-    S = cache[0][0].shape[2]
-    mask = key_mask & (torch.arange(S, device=tokens.device) <= slot)  # [A, S]
+    mask = key_mask[:, :length] & (torch.arange(length, device=tokens.device) <= slot)  # [A, length]
     for layer, (keys, values) in zip(lm.layers, cache):
         attn = layer.self_attn
         x = layer.input_layernorm(h)  # [A, 1, H]
@@ -184,18 +183,18 @@ def decode_step(model, tokens, positions, cache, slot, key_mask):
         keys.index_copy_(2, slot, rotate(k, cos, sin))  # in place on the whole tensor: inductor keeps it so
         values.index_copy_(2, slot, v)
         q = rotate(q, cos, sin).unflatten(1, (keys.shape[1], -1)).squeeze(3)  # [A, Hkv, Hq/Hkv, D]
-        scores = (q @ keys.transpose(2, 3)) * attn.scaling  # [A, Hkv, Hq/Hkv, S]
-        scores = scores.masked_fill(~mask[:, None, None], float("-inf")).softmax(-1)
-        y = (scores.to(values.dtype) @ values).flatten(1, 2)  # [A, Hq, D]
+        scores = (q @ keys[:, :, :length].transpose(2, 3)) * attn.scaling  # [A, Hkv, Hq/Hkv, length]
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf")).float().softmax(-1)
+        y = (scores.to(values.dtype) @ values[:, :, :length]).flatten(1, 2)  # [A, Hq, D]
         h = h + attn.o_proj(y.flatten(1))[:, None]  # [A, 1, H]
         h = h + layer.mlp(layer.post_attention_layernorm(h))  # [A, 1, H]
     return model.lm_head(lm.norm(h))[:, 0].float()  # [A, V]
 
 
-def decode_and_sample(model, tokens, positions, cache, slot, key_mask, u, temperature, top_p, top_k):
+def decode_and_sample(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k):
     """One decode step and its sampling: the next tokens [A] (greedy when u is None, else `sample_with`) and their
     raw log-probs [A] (temperature 1, unfiltered, media tokens excluded). What `compiled_step` compiles."""
-    logits = no_media_tokens(model, decode_step(model, tokens, positions, cache, slot, key_mask))  # [A, V]
+    logits = no_media_tokens(model, decode_step(model, tokens, positions, cache, slot, key_mask, length))  # [A, V]
     new = logits.argmax(-1) if u is None else sample_with(logits, u, temperature, top_p, top_k)  # [A]
     return new, logits.gather(-1, new[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
@@ -330,7 +329,8 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                     u = torch.zeros(A, 1, device=device).index_copy_(0, (rows < Bn).nonzero()[:, 0], u)  # [A, 1]
             if static:
                 torch.compiler.cudagraph_mark_step_begin()
-            tokens, logp = step(model, tokens, positions, cache, slot, key_mask, u, temperature, top_p, top_k)
+            length = S if compile else P + t + 1  # compiled: the whole bucket (fixed shapes); eager: what is filled
+            tokens, logp = step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k)
             tokens, logp = tokens.clone(), logp.clone()  # CUDA graphs reuse their output buffers next step
             positions, slot = positions + 1, slot + 1
 

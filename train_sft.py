@@ -39,6 +39,7 @@ class Config:
     data: str = os.path.join(model_lib.DEFAULT_DATA_DIR, "sft.json")
     media_root: str | None = None  # default: the data file's directory
     skip_bad_rows: bool = False  # True: drop malformed rows (counted in a log line) instead of stopping
+    check_media: bool = True  # open every media file's header at start-up (the files split over ranks)
     out_dir: str = "runs/sft"
     resume: bool = False
     seed: int = 0
@@ -147,7 +148,7 @@ def load_model(cfg, device, rank):
 
 def load_split(cfg, rank, world_size):
     """(train rows, this rank's share of the val_rows held out for the validation loss: a seeded choice)."""
-    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows)
+    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows, check_media=cfg.check_media)
     bad = [r["source"] for r in rows if r["kind"] != "sft"]
     if bad:
         raise ValueError(f"{bad[0]}: train_sft.py needs SFT rows (messages with an assistant turn)")

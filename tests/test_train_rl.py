@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 
 import pytest
 import torch
@@ -83,6 +84,56 @@ def micro_batch(tiny_model, processor, rows, n=2, seed=0):
     old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=gen)) * mask  # [mn, T]
     adv = torch.randn(len(rows) * n, generator=gen)  # [mn]
     return {"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
+
+
+# -----------------------------------------------------------------------------
+# the rollout's data path: prefetched on a thread, reused by the update
+
+
+def test_prefetched_batches_equal_the_synchronous_path(model_dir, suite_dir, tmp_path):
+    """draw_batch with a Prefetcher gives the rows and model inputs data.collate gives for the sampler's draws,
+    sends the next draw ahead (its rows are being encoded before they are asked for), leaves the sampler where
+    plain draws leave it, and raises a row's decode error where the row is drawn. The update's inputs are the
+    rollout's items, equal to collating the rows again."""
+    _, processor = model_lib.load_model(model_dir)
+    rows = data.load_rows(str(suite_dir / "rl.json"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    rows.append(data.normalise_row({"problem": "q", "answer": "1", "problem_type": "numerical",
+                                    "data_type": "image", "images": ["bad.png"]}, 4, "inline", str(tmp_path),
+                                   check_media=False))
+    threads = {}
+
+    def encode_row(row):
+        threads[row["source"]] = threading.current_thread().name
+        return data.encode_row(row, processor, TEST_MEDIA)
+    prefetcher = train_rl.Prefetcher(encode_row)
+    sampler, plain = (data.ShardedSampler(len(rows), seed=8) for _ in range(2))  # the bad row in the 3rd batch
+    bad, checked = rows[-1]["source"], 0
+    try:
+        for _ in range(4):
+            expected = [rows[i] for i in plain.next_batch(2)]
+            if bad in {row["source"] for row in expected}:
+                with pytest.raises(ValueError, match="corrupt image"):
+                    train_rl.draw_batch(rows, sampler, 2, prefetcher)
+                break
+            batch = train_rl.draw_batch(rows, sampler, 2, prefetcher)
+            assert [row for row, _ in batch] == expected and sampler.state_dict() == plain.state_dict()
+            reference = data.collate(expected, processor, TEST_MEDIA)
+            got = data.pad_batch([item for _, item in batch], processor.tokenizer.pad_token_id)
+            assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+            upcoming = [rows[i] for i in copy.deepcopy(plain).next_batch(2)]
+            assert set(prefetcher.pending) == {row["source"] for row in upcoming}  # sent ahead
+            groups = [{"row": row, "item": item, "response_ids": torch.ones(2, 3, dtype=torch.long),
+                       "response_mask": torch.ones(2, 3, dtype=torch.long)} for row, item in batch]
+            inputs, _, _ = train_rl.micro_batch_inputs(groups, train_rl.Config(group_size=2),
+                                                       processor.tokenizer.pad_token_id, torch.device("cpu"))
+            assert all(torch.equal(inputs[k], reference[k]) for k in reference)
+            checked += 1
+        else:
+            pytest.fail("the corrupt row was never drawn")
+    finally:
+        prefetcher.worker.shutdown(cancel_futures=True)
+    assert checked == 2 and set(threads.values()) == {"prefetch_0"}  # every encode ran on the background thread
 
 
 # -----------------------------------------------------------------------------
