@@ -45,12 +45,14 @@ def task_key(problem_type, data_type):
 
 
 # -----------------------------------------------------------------------------
-# prompts (SPEC 3): question, options, the think/answer instruction, one line per problem_type
+# prompts (SPEC 3): a template is a dict: "question" (the text around the question, where "{Question}" stands
+# for the problem and, for multiple choice, its options) and one line per problem_type (segmentation split by
+# modality), appended right after the question text. Two are built in: ours (short, for the tiny model) and the
+# release's, character for character (`--prompt_template=release`); a JSON file overrides any of their keys.
 
 INSTRUCTION = "Think inside <think></think>, then give the final answer inside <answer></answer>."
-# The per-type line says exactly what the answer must contain, with one example. A released checkpoint was
-# trained with its own wording: pass its templates with --prompt_template=FILE (a JSON object type -> text).
-TYPE_TEMPLATES = {
+PROJECT_TEMPLATE = {
+    "question": "{Question}\n" + INSTRUCTION + "\n",
     "multiple choice": "Answer with the option letter, e.g. <answer>B</answer>.",
     "numerical": "Answer with a number, e.g. <answer>3</answer>.",
     "regression": "Answer with a number, e.g. <answer>2.5</answer>.",
@@ -71,30 +73,123 @@ TYPE_TEMPLATES = {
                            '"positive_points": [[200, 200], [150, 180], [250, 220]], '
                            '"negative_points": [[50, 50], [400, 400], [600, 100]]}</answer>.'),
 }
+# The release's prompt (EasyR1/verl/utils/dataset.py and Evaluation/Eval/eval_bench.py hold the same text): data
+# the released checkpoints were trained on, so kept to the character, its missing spaces after "content." and
+# "tags." included.
+_SEGMENTATION_POINTS = (
+    "Choose informative points that help distinguish object vs. background. Prefer negatives on clear non-object "
+    "pixels INSIDE the box when safe; otherwise place them just outside on obvious background. "
+    "Negatives must NEVER be on the object or on its boundary.\n")
+RELEASE_TEMPLATE = {
+    "question": (
+        "{Question}\n"
+        "Please answer this question based on the visual content."
+        "Provide your thinking process between the <think> and </think> tags, and then give your final answer "
+        "between the <answer> and </answer> tags."
+        "At the end, you must output the final answer in the format:\n"
+        "<answer><your_answer_here></answer>\n"),
+    "multiple choice": (
+        "Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer>...</answer> tags.\n"
+        "Example:\n<answer>A</answer>"),
+    "numerical": (
+        "Please provide only the numerical value within the <answer>...</answer> tags.\n"
+        "Example:\n<answer>3.14</answer>"),
+    "OCR": (
+        "Please provide only the transcribed text within the <answer>...</answer> tags.\n"
+        "Example:\n<answer>Hello World</answer>"),
+    "open-ended": (
+        "Please provide only your text answer within the <answer>...</answer> tags.\n"
+        "Example:\n<answer>The capital of France is Paris.</answer>"),
+    "regression": (
+        "Please provide only the numerical value within the <answer>...</answer> tags.\n"
+        "Example:\n<answer>42.7</answer>"),
+    "math": (
+        "Please provide only the final result (a number or LaTeX formula) within the <answer>...</answer> tags.\n"
+        "Example:\n<answer>$$-\\dfrac{3}{2}$$</answer>"),
+    "temporal grounding": (
+        "Please provide only the time span in seconds as JSON within the <answer>...</answer> tags.\n"
+        'Example:\n<answer>{"time": [12.3, 25.7]}</answer>'),
+    "spatial grounding": (
+        "Please provide only the bounding box as JSON with key 'boxes' within the <answer>...</answer> tags.\n"
+        'Example:\n<answer>{"boxes": [35, 227, 437, 932]}</answer>'),
+    "spatial-temporal grounding": (
+        "Please provide only the time span in seconds and bounding boxes as JSON within the <answer>...</answer> "
+        "tags.\n"
+        "You MUST output one bounding box for every integer second within the given time span (inclusive).\n"
+        "Example:\n"
+        '<answer>{"time": [8.125, 13.483], "boxes": {"9": [317, 422, 582, 997], '
+        '"10": [332, 175, 442, 369], "11": [340, 180, 450, 370]}}</answer>\n'
+        "Note: Each key in 'boxes' must be an integer second within the span, and its value must be a 4-number "
+        "bounding box [x1, y1, x2, y2]."),
+    "tracking": (
+        "Please track the target object throughout the video and provide one bounding box per second, "
+        "ONLY up to 32 seconds, within the <answer>...</answer> tags.\n"
+        "Example:\n"
+        '<answer>{"boxes": {"1": [405, 230, 654, 463], "2": [435, 223, 678, 446], ..., '
+        '"32": [415, 203, 691, 487]}}</answer>\n'
+        "Note: Each key in 'boxes' must correspond to a second (1, 2, 3, ..., 32) and contain a 4-number bounding "
+        "box [x1, y1, x2, y2]."),
+    "segmentation/image": (
+        "This task prepares inputs for image object segmentation with a specialized model (e.g., SAM2).\n"
+        "Please provide ONE bounding box, 3 positive points (clearly INSIDE the object), and 3 negative points "
+        "(clearly OUTSIDE the object) within the <answer>...</answer> tags.\n"
+        + _SEGMENTATION_POINTS +
+        "Example:\n"
+        '<answer>{"boxes": [x1, y1, x2, y2], "positive_points": [[x,y],[x,y],[x,y]], '
+        '"negative_points": [[x,y],[x,y],[x,y]]}</answer>'),
+    "segmentation/video": (
+        "This task prepares inputs for video object segmentation with a specialized model (e.g., SAM2).\n"
+        "Please select ONE representative time (in seconds), and provide ONE bounding box, "
+        "3 positive points (clearly INSIDE the object), and 3 negative points (clearly OUTSIDE the object) "
+        "within the <answer>...</answer> tags.\n"
+        + _SEGMENTATION_POINTS +
+        "Example:\n"
+        '<answer>{"time": <time_in_seconds>, "boxes": [x1, y1, x2, y2], '
+        '"positive_points": [[x,y],[x,y],[x,y]], "negative_points": [[x,y],[x,y],[x,y]]}</answer>'),
+}
+BUILTIN_TEMPLATES = {"project": PROJECT_TEMPLATE, "release": RELEASE_TEMPLATE}
+TEMPLATE_ALIASES = {"segmentation_image": "segmentation/image", "segmentation_video": "segmentation/video"}  # release
 
 
-def load_templates(path):
-    """A JSON object problem_type (or segmentation/image, segmentation/video) -> type line, overriding ours."""
-    with open(path) as f:
+def load_templates(name):
+    """A prompt template: "release" or "project" (built in), or a JSON file of keys to override in ours: "question"
+    and problem_types (segmentation/image, segmentation/video, or the release's segmentation_image,
+    segmentation_video). An unknown key is an error naming the file and the key."""
+    if name in BUILTIN_TEMPLATES:
+        return dict(BUILTIN_TEMPLATES[name])
+    with open(name) as f:
         templates = json.load(f)
-    unknown = set(templates) - set(TYPE_TEMPLATES)
-    if not isinstance(templates, dict) or unknown:
-        raise ValueError(f"{path}: prompt template keys must be among {sorted(TYPE_TEMPLATES)}, got {sorted(unknown)}")
-    return {**TYPE_TEMPLATES, **templates}
+    if not isinstance(templates, dict):
+        raise ValueError(f"{name}: a prompt template is a JSON object of key -> text, got {type(templates).__name__}")
+    templates = {TEMPLATE_ALIASES.get(key, key): text for key, text in templates.items()}
+    for key, text in templates.items():
+        if key not in PROJECT_TEMPLATE:
+            raise ValueError(f"{name}: unknown prompt template key {key!r} (known: {', '.join(PROJECT_TEMPLATE)}, "
+                             f"{', '.join(TEMPLATE_ALIASES)})")
+        if not isinstance(text, str):
+            raise ValueError(f"{name}: prompt template key {key!r} must map to a string, got {text!r:.80}")
+    if "{Question}" not in templates.get("question", "{Question}"):
+        raise ValueError(f"{name}: prompt template key 'question' must contain {{Question}}")
+    return {**PROJECT_TEMPLATE, **templates}
 
 
 def build_prompt(row, templates=None):
-    """The user text for a row (without the media placeholder): question, options, instruction, type line."""
-    templates = templates or TYPE_TEMPLATES
+    """The prompt text of an RL or eval row, as the release builds it: prompt_question put in the template's
+    question text, then the problem_type's line (no separator: the release's question text ends in a newline).
+    Media placeholders stay in the text (user_content places the media there)."""
+    templates = templates or PROJECT_TEMPLATE
     problem_type = row["problem_type"]
-    key = task_key(problem_type, row.get("data_type", "image")) if problem_type == "segmentation" else problem_type
-    lines = [row["problem"].strip()]
-    if problem_type == "multiple choice" and row.get("options"):
-        lines.append("Options:")
-        lines.extend(str(option) for option in row["options"])
-    lines.append(INSTRUCTION)
-    lines.append(templates[key])
-    return "\n".join(lines)
+    key = task_key(problem_type, row.get("data_type")) if problem_type == "segmentation" else problem_type
+    return templates["question"].replace("{Question}", prompt_question(row)) + templates[key]
+
+
+def prompt_question(row):
+    """What stands for {Question}: the problem as it is (not stripped); for multiple choice then a line
+    "Options:" and the options one a line, as the release appends them."""
+    question = row["problem"]
+    if row["problem_type"] == "multiple choice" and row.get("options"):
+        question += "\nOptions:\n" + "\n".join(str(option) for option in row["options"])
+    return question
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +294,11 @@ def normalise_row(row, index, path, media_root, check_media=True):
     kind: "sft" (has messages), "eval" (has solution/path), "rl" (has answer).
     media: absolute paths in the order they appear in the prompt; media_types: "image" | "video" for each.
     SFT rows may lack problem_type / data_type (released files): data_type is inferred from the media,
-    problem_type is None. A row without media is a text-only row (data_type None).
+    problem_type is None. A row without media is a text-only row (data_type None). An SFT row whose messages
+    hold only the assistant turn has no user text of its own: it carries problem / problem_type (/ options) as an
+    RL row does, and its prompt is built from the template (user_content).
+    Placeholders: an RL (or such SFT) row's problem (and options) hold either no <image> / <video> of its media's
+    kind or one per file (the release splits the prompt there); SFT user text likewise, of both kinds.
     """
     where = f"{path}: row {index}"
 
@@ -219,18 +318,20 @@ def normalise_row(row, index, path, media_root, check_media=True):
         bad("answer", "missing (a row needs 'answer' (RL), 'solution' + 'path' (eval) or 'messages' (SFT))")
 
     # text fields
+    # RL and eval rows, and SFT rows of the assistant turn alone: the prompt is built from problem by a template
+    templated = kind != "sft" or (isinstance(row["messages"], list) and len(row["messages"]) == 1)
     if kind == "sft":
         messages = row["messages"]
         roles = [m.get("role") for m in messages] if isinstance(messages, list) and all(
             isinstance(m, dict) for m in messages) else None
-        if roles != ["user", "assistant"]:
-            bad("messages", f"expected a user then an assistant message, got roles {roles!r}")
+        if roles not in (["user", "assistant"], ["assistant"]):
+            bad("messages", f"expected a user then an assistant message (or the assistant alone), got roles {roles!r}")
         for m in messages:
             if not isinstance(m.get("content"), str) or not m["content"].strip():
                 bad("messages", f"{m['role']} content must be a non-empty string, got {m.get('content')!r}")
-    else:
-        if not isinstance(row.get("problem"), str) or not row["problem"].strip():
-            bad("problem", f"missing or not a string: {row.get('problem')!r}")
+    if templated and (not isinstance(row.get("problem"), str) or not row["problem"].strip()):
+        bad("problem", f"missing or not a string: {row.get('problem')!r}")
+    if kind != "sft":
         field = "answer" if kind == "rl" else "solution"
         value = row.get(field)
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):  # a bare number is a fine answer
@@ -238,11 +339,11 @@ def normalise_row(row, index, path, media_root, check_media=True):
 
     # problem_type and options
     problem_type = row.get("problem_type")
-    if kind == "sft" and problem_type is None:
+    if kind == "sft" and not templated and problem_type is None:
         out["problem_type"] = None
     elif problem_type not in PROBLEM_TYPES:
         bad("problem_type", f"unknown value {problem_type!r} (known: {', '.join(PROBLEM_TYPES)})")
-    if problem_type == "multiple choice" and kind != "sft":  # SFT rows carry the options inside the user text
+    if problem_type == "multiple choice" and templated:  # SFT user text holds its own options
         options = row.get("options")
         if not isinstance(options, list) or len(options) < 2:
             bad("options", f"multiple choice needs a list of at least 2 options, got {options!r}")
@@ -276,13 +377,18 @@ def normalise_row(row, index, path, media_root, check_media=True):
         if data_type != implied:
             bad("data_type", f"{data_type!r} does not match the media: {present[0] if present else 'no images or videos'}")
         out["data_type"] = data_type
-        if kind == "sft":  # placeholders, when the text has any, must match the media one for one
+        if not templated:  # placeholders, when the text has any, must match the media one for one
             user = row["messages"][0]["content"]
             found = {tag: user.count(tag) for tag in ("<image>", "<video>")}
             expected = {tag: len(media) if tag == f"<{implied}>" else 0 for tag in found}
             if any(found.values()) and found != expected:
                 bad("messages", f"user text has {found['<image>']} <image> and {found['<video>']} <video> "
                                 f"placeholders for {len(media)} {implied or 'media'} file(s)")
+        elif media:  # the release splits the whole prompt on the tag of the row's media kind
+            tag = f"<{implied}>"
+            found = prompt_question(row).count(tag)
+            if found and found != len(media):
+                bad("problem", f"has {found} {tag} placeholders for {len(media)} {implied} file(s)")
 
     # media files exist (and open, unless told not to look inside)
     out["media"], out["media_types"] = [], []
@@ -339,61 +445,107 @@ def load_rows(path, media_root=None, skip_bad_rows=False, check_media=True):
 def ground_truth(row):
     """The bare answer text: RL `answer`, eval `solution`, SFT the assistant's <answer> (tags stripped)."""
     if row["kind"] == "sft":
-        return rewards.answer_text(row["messages"][1]["content"])
+        return rewards.answer_text(row["messages"][-1]["content"])
     return rewards.answer_text(str(row["answer"] if row["kind"] == "rl" else row["solution"]))
 
 
 # -----------------------------------------------------------------------------
 # media (SPEC 2): images and video frames resized within pixel bounds to multiples of 32
-# (patch 16 x spatial merge 2), so the processor patchifies them as they are (do_resize=False).
+# (patch 16 x spatial merge 2). Two ways, MediaConfig.sizing:
+# - "fit" (ours, the shapes preset): one resize into the budget, and the processor patchifies the result as it
+#   is (do_resize=False). Nothing is upscaled past image_min_pixels.
+# - "easyr1" / "qwen_vl_utils" (the release presets): the release's own steps. Images: EasyR1's process_image
+#   (RL; LLaMA-Factory's SFT step is the same arithmetic) or qwen-vl-utils' fetch_image (eval), then the
+#   checkpoint's processor resizes again (do_resize=True, as every release stage calls it), which for Qwen3-VL
+#   lifts any image under its 65,536-pixel floor (a 128 px image becomes 256 px: 4x the vision tokens). Videos:
+#   qwen-vl-utils' fetch_video frame count, indices and per-frame size, then the processor's video resize (what
+#   vLLM does; the identity within the RL budgets).
 
 FACTOR = 32
+SIZINGS = ("fit", "easyr1", "qwen_vl_utils")
 
 
 @dataclass
 class MediaConfig:
-    """Pixel and frame budgets (SPEC 2). The default is the released RL setting."""
+    """Pixel and frame budgets (SPEC 2) and the sizing rule. The default is the released RL setting's budgets."""
     fps: float = 2.0
     max_frames: int = 128
     video_min_pixels: int = 4 * 32 * 32  # per frame
     video_max_pixels: int = 64 * 32 * 32  # per frame
     image_min_pixels: int = 3136
     image_max_pixels: int = 1048576
+    sizing: str = "fit"  # fit | easyr1 | qwen_vl_utils (see above)
+
+    def __post_init__(self):
+        if self.sizing not in SIZINGS:
+            raise ValueError(f"media sizing must be one of {SIZINGS}, got {self.sizing!r}")
 
 
 EVAL_MEDIA = MediaConfig(video_max_pixels=256 * 32 * 32, image_max_pixels=1024 * 32 * 32)  # SPEC 2: eval
 
 
-def media_config(cfg):
-    """A script's MediaConfig: its config's fields of the same names, MediaConfig's defaults for the others."""
-    return MediaConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MediaConfig) if hasattr(cfg, f.name)})
+def media_config(cfg, base=MediaConfig()):
+    """A script's MediaConfig: its config's fields of the same names, base's values for the others."""
+    return dataclasses.replace(base, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MediaConfig)
+                                        if hasattr(cfg, f.name)})
 
 
-def fit_size(height, width, min_pixels, max_pixels):
-    """(h, w) with the aspect ratio kept, both multiples of 32, and h*w within [min_pixels, max_pixels]."""
+def fit_size(height, width, min_pixels, max_pixels, fuzz=1e-6):
+    """(h, w) with the aspect ratio kept, both multiples of 32, and h*w within [min_pixels, max_pixels].
+
+    With fuzz=0 this is qwen-vl-utils' smart_resize to the bit (and the Qwen2-VL processor's, but for sides under
+    16 px), except that a side the release would floor to 0 (aspect ratio near 200) stays 32. fuzz=1e-6 (ours)
+    keeps float noise (10 * 6.4 = 64.00000000000001) from costing a whole 32-pixel step."""
     h = max(FACTOR, round(height / FACTOR) * FACTOR)
     w = max(FACTOR, round(width / FACTOR) * FACTOR)
-    # the 1e-6 keeps float fuzz (10 * 6.4 = 64.00000000000001) from costing a whole 32-pixel step
     if h * w > max_pixels:
         scale = math.sqrt(height * width / max_pixels)
-        h = max(FACTOR, math.floor(height / scale / FACTOR + 1e-6) * FACTOR)
-        w = max(FACTOR, math.floor(width / scale / FACTOR + 1e-6) * FACTOR)
+        h = max(FACTOR, math.floor(height / scale / FACTOR + fuzz) * FACTOR)
+        w = max(FACTOR, math.floor(width / scale / FACTOR + fuzz) * FACTOR)
     elif h * w < min_pixels:
         scale = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * scale / FACTOR - 1e-6) * FACTOR
-        w = math.ceil(width * scale / FACTOR - 1e-6) * FACTOR
+        h = math.ceil(height * scale / FACTOR - fuzz) * FACTOR
+        w = math.ceil(width * scale / FACTOR - fuzz) * FACTOR
     return h, w
 
 
-def load_image(path, min_pixels=MediaConfig.image_min_pixels, max_pixels=MediaConfig.image_max_pixels):
-    """RGB PIL image resized by fit_size; a corrupt file raises ValueError naming it."""
+def scale_into(height, width, min_pixels, max_pixels):
+    """EasyR1's process_image (and LLaMA-Factory's _preprocess_image): scaled down to max_pixels, then up to
+    min_pixels, each side truncated to an int (so not multiples of 32, and possibly a few pixels under min)."""
+    if height * width > max_pixels:
+        scale = math.sqrt(max_pixels / (width * height))
+        height, width = int(height * scale), int(width * scale)
+    if height * width < min_pixels:
+        scale = math.sqrt(min_pixels / (width * height))
+        height, width = int(height * scale), int(width * scale)
+    return height, width
+
+
+def load_image(path, min_pixels=MediaConfig.image_min_pixels, max_pixels=MediaConfig.image_max_pixels,
+               sizing="fit"):
+    """RGB PIL image sized by the sizing rule (module comment); a corrupt file raises ValueError naming it."""
     try:
         with Image.open(path) as f:
-            image = f.convert("RGB")
+            f.load()
+            image = f.copy()
     except FileNotFoundError:
         raise
     except Exception as e:  # PIL raises many types for a bad file
         raise ValueError(f"corrupt image {path}: {e}") from None
+    if sizing == "easyr1":  # resized in the file's own mode (a palette image: nearest), then RGB (alpha dropped)
+        h, w = scale_into(image.height, image.width, min_pixels, max_pixels)
+        if (h, w) != (image.height, image.width):
+            image = image.resize((w, h))
+        return image.convert("RGB")
+    if sizing == "qwen_vl_utils":  # transparent pixels over white, then bicubic to the smart_resize size
+        if image.mode == "RGBA":
+            white = Image.new("RGB", image.size, (255, 255, 255))
+            white.paste(image, mask=image.split()[3])
+            image = white
+        image = image.convert("RGB")
+        h, w = fit_size(image.height, image.width, min_pixels, max_pixels, fuzz=0.0)
+        return image.resize((w, h), Image.BICUBIC)
+    image = image.convert("RGB")
     h, w = fit_size(image.height, image.width, min_pixels, max_pixels)
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), Image.BICUBIC)
@@ -401,8 +553,8 @@ def load_image(path, min_pixels=MediaConfig.image_min_pixels, max_pixels=MediaCo
 
 
 def sample_frame_indices(total_frames, source_fps, fps, max_frames):
-    """Source frame indices nearest to t = 0, 1/fps, 2/fps, ... (all frames when fps >= source fps);
-    uniformly subsampled to max_frames; padded to an even count (temporal patch 2) by repeating the last."""
+    """Ours ("fit"): source frame indices nearest to t = 0, 1/fps, 2/fps, ... (all frames when fps >= source
+    fps); uniformly subsampled to max_frames; padded to an even count (temporal patch 2) by repeating the last."""
     duration = total_frames / source_fps
     times = np.arange(math.ceil(duration * fps - 1e-9)) / fps  # [n] seconds
     indices = np.unique(np.minimum(np.round(times * source_fps), total_frames - 1).astype(int))
@@ -414,10 +566,51 @@ def sample_frame_indices(total_frames, source_fps, fps, max_frames):
     return indices
 
 
+# qwen-vl-utils' video constants (vision_process.py): at least 4 frames, an even count; a frame at most 768
+# merged tokens and at most its share (x 2) of 0.9 x a 128,000-token context (MODEL_SEQ_LEN's default)
+QWEN_MIN_FRAMES = 4
+QWEN_FRAME_MAX_PIXELS = 768 * FACTOR * FACTOR
+QWEN_TOTAL_PIXELS = 128000 * FACTOR * FACTOR * 0.9
+
+
+def qwen_frame_indices(total_frames, source_fps, fps, max_frames):
+    """The release's ("easyr1" / "qwen_vl_utils"), qwen-vl-utils' smart_nframes: duration x fps frames, clamped to
+    [4, max_frames] and to the clip, floored to an even count, spread from the first frame to the last
+    (torch.linspace, rounded half to even). A 1-frame clip, which qwen-vl-utils refuses, gives its frame twice."""
+    target = total_frames / source_fps * fps
+    low, high = math.ceil(QWEN_MIN_FRAMES / 2) * 2, math.floor(max_frames / 2) * 2
+    n = math.floor(min(min(max(target, low), high), total_frames) / 2) * 2
+    if n < 2:
+        return [0, 0]
+    return torch.linspace(0, total_frames - 1, n).round().long().tolist()
+
+
+def qwen_frame_max_pixels(n_frames, min_pixels, max_pixels):
+    """qwen-vl-utils' per-frame pixel ceiling for a clip of n_frames: max_pixels, capped as fetch_video caps it."""
+    cap = max(min(QWEN_FRAME_MAX_PIXELS, QWEN_TOTAL_PIXELS / n_frames * 2), int(min_pixels * 1.05))
+    return min(max_pixels, cap)
+
+
+def frame_indices(total_frames, source_fps, fps, max_frames, sizing="fit"):
+    """The source frame indices a clip is sampled at under a sizing rule (the media comment above)."""
+    if sizing == "fit":
+        return sample_frame_indices(total_frames, source_fps, fps, max_frames)
+    return qwen_frame_indices(total_frames, source_fps, fps, max_frames)
+
+
+def frame_size(height, width, n_frames, min_pixels, max_pixels, sizing="fit"):
+    """(h, w) of every frame of an n_frames clip under a sizing rule."""
+    if sizing == "fit":
+        return fit_size(height, width, min_pixels, max_pixels)
+    return fit_size(height, width, min_pixels, qwen_frame_max_pixels(n_frames, min_pixels, max_pixels), fuzz=0.0)
+
+
 def load_video(path, fps=MediaConfig.fps, max_frames=MediaConfig.max_frames,
-               min_pixels=MediaConfig.video_min_pixels, max_pixels=MediaConfig.video_max_pixels):
+               min_pixels=MediaConfig.video_min_pixels, max_pixels=MediaConfig.video_max_pixels, sizing="fit"):
     """Decode with PyAV -> (frames uint8 [T, H, W, 3], VideoMetadata). T is even; the metadata carries the source
-    fps and source frame indices so the processor writes each frame pair's timestamp (SPEC 2)."""
+    fps and source frame indices so the processor writes each frame pair's timestamp (SPEC 2). Frames are
+    resampled by FFmpeg (bicubic) while decoding; qwen-vl-utils resizes with torchvision (bicubic, antialiased):
+    the same sizes, slightly different pixel values."""
     try:
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -428,7 +621,7 @@ def load_video(path, fps=MediaConfig.fps, max_frames=MediaConfig.max_frames,
             total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
         if not total:
             raise ValueError("no frames")
-        wanted = sample_frame_indices(total, source_fps, fps, max_frames)
+        wanted = frame_indices(total, source_fps, fps, max_frames, sizing)
         wanted_set, picked, size = set(wanted), {}, None
         with av.open(path) as container:
             stream = container.streams.video[0]
@@ -437,7 +630,7 @@ def load_video(path, fps=MediaConfig.fps, max_frames=MediaConfig.max_frames,
                 if i > wanted[-1]:
                     break
                 if i in wanted_set:
-                    size = size or fit_size(frame.height, frame.width, min_pixels, max_pixels)
+                    size = size or frame_size(frame.height, frame.width, len(wanted), min_pixels, max_pixels, sizing)
                     picked[i] = frame.to_ndarray(width=size[1], height=size[0], format="rgb24",
                                                  interpolation="BICUBIC")  # [H, W, 3]
     except (av.FFmpegError, ValueError, IndexError) as e:  # IndexError: no video stream
@@ -457,12 +650,34 @@ def load_video(path, fps=MediaConfig.fps, max_frames=MediaConfig.max_frames,
 # model inputs: one prompt path for SFT, RL and eval; left padding; SFT labels on the assistant turn only
 
 def user_content(row, templates=None):
-    """The user turn as chat content parts. RL / eval rows: the media parts, then build_prompt's text.
-    SFT rows: their user text, each <image> / <video> placeholder replaced by the next media part (media first
-    when the text has none)."""
+    """The user turn's chat content, as the release builds it for each row shape.
+
+    RL rows (and SFT rows of the assistant turn alone), EasyR1's rule: the whole prompt text (build_prompt) is
+    split on the placeholder of the row's media kind (<image> or <video>) and the next media part goes at each
+    split, empty text pieces dropped; a prompt without one gets its media first (the release would give it
+    none); a text-only row is the plain prompt string. Eval rows, eval_bench's rule: the media (video before
+    image), then the prompt text. SFT rows: their user text, each <image> / <video> replaced by the next media
+    part (media first when the text has none), as LLaMA-Factory does."""
     media_parts = [{"type": t} for t in row["media_types"]]
-    if row["kind"] != "sft":
+    if row["kind"] == "eval":
         return media_parts + [{"type": "text", "text": build_prompt(row, templates)}]
+    if row["kind"] == "rl" or row["messages"][0]["role"] == "assistant":
+        text = build_prompt(row, templates)
+        if not media_parts:
+            return text
+        pieces = text.split(f"<{row['media_types'][0]}>")
+        if len(pieces) == 1:
+            return media_parts + [{"type": "text", "text": text}]
+        if len(pieces) - 1 != len(media_parts):  # only a template's own text can add placeholders after load_rows
+            raise ValueError(f"{row['source']}: the prompt has {len(pieces) - 1} placeholders for "
+                             f"{len(media_parts)} media file(s)")
+        parts = []
+        for i, piece in enumerate(pieces):
+            if i:
+                parts.append(media_parts[i - 1])
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return parts
     pieces = re.split(r"(<image>|<video>)", row["messages"][0]["content"])
     if len(pieces) == 1:
         return media_parts + [{"type": "text", "text": pieces[0]}]
@@ -481,19 +696,21 @@ def prompt_text(row, processor, templates=None):
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def encode_row(row, processor, media_cfg=None, templates=None, with_answer=False):
-    """One row through the processor: {"ids", "types", "labels": lists, media tensors}. Deterministic (no
-    augmentation), so a trainer may keep the results in a dict and reuse them (collate's `cache`)."""
+def encode_row(row, processor, media_cfg=None, templates=None, with_answer=False, cutoff_len=0):
+    """One row through the processor: {"ids", "types", "labels": lists, "cut": tokens cut by cutoff_len, media
+    tensors}. Deterministic (no augmentation), so a trainer may keep the results in a dict and reuse them
+    (collate's `cache`). cutoff_len > 0 (SFT rows) cuts a longer row as LLaMA-Factory does (cutoff_lengths)."""
     media_cfg = media_cfg or MediaConfig()
     tokenizer = processor.tokenizer
     images, videos, video_metadata = [], [], []
     for media_type, path in zip(row["media_types"], row["media"]):
         try:
             if media_type == "image":
-                images.append(load_image(path, media_cfg.image_min_pixels, media_cfg.image_max_pixels))
+                images.append(load_image(path, media_cfg.image_min_pixels, media_cfg.image_max_pixels,
+                                         media_cfg.sizing))
             else:
-                frames, metadata = load_video(path, media_cfg.fps, media_cfg.max_frames,
-                                              media_cfg.video_min_pixels, media_cfg.video_max_pixels)
+                frames, metadata = load_video(path, media_cfg.fps, media_cfg.max_frames, media_cfg.video_min_pixels,
+                                              media_cfg.video_max_pixels, media_cfg.sizing)
                 videos.append(frames)
                 video_metadata.append(metadata)
         except (OSError, ValueError) as e:
@@ -502,28 +719,58 @@ def encode_row(row, processor, media_cfg=None, templates=None, with_answer=False
     if images:
         media_kwargs["images"] = images
     if videos:
-        media_kwargs.update(videos=videos, video_metadata=video_metadata, do_sample_frames=False)
-    # our media are already sized to multiples of 32 within the budget: the processor must not resize again
-    encoded = processor(text=[prompt_text(row, processor, templates)], do_resize=False, **media_kwargs)
+        # cap_pixels_per_frame=False: the video resize of transformers 4.57, which the release ran
+        media_kwargs.update(videos=videos, video_metadata=video_metadata, do_sample_frames=False,
+                            cap_pixels_per_frame=False)
+    # "fit" media are already multiples of 32 within the budget: the processor must not resize them again; the
+    # release's sizings end with the processor's own resize, as every release stage calls it
+    encoded = processor(text=[prompt_text(row, processor, templates)], do_resize=media_cfg.sizing != "fit",
+                        **media_kwargs)
     ids, types = list(encoded["input_ids"][0]), list(encoded["mm_token_type_ids"][0])
     labels = [-100] * len(ids)
+    cut = 0
     if with_answer:
         if row["kind"] != "sft":
             raise ValueError(f"{row['source']}: with_answer needs an SFT row (messages), got a {row['kind']} row")
         # tokenised apart from the prompt so the prompt tokens are exactly those generation sees
-        answer = tokenizer(row["messages"][1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row["messages"][-1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
         newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        prompt_len = len(ids)
         ids += answer + newline
         types += [0] * (len(answer) + len(newline))
         labels += answer + [-100] * len(newline)
-    out = {"ids": ids, "types": types, "labels": labels}
+        if cutoff_len and len(ids) > cutoff_len:
+            keep_prompt, keep_answer = cutoff_lengths(prompt_len, len(ids) - prompt_len, cutoff_len)
+            if any(types[keep_prompt:prompt_len]):
+                raise ValueError(f"{row['source']}: cutoff_len={cutoff_len} would cut into the prompt's media "
+                                 f"tokens ({prompt_len} prompt + {len(ids) - prompt_len} answer tokens); "
+                                 f"LLaMA-Factory fails there too: raise cutoff_len or lower the media budgets")
+            keep = list(range(keep_prompt)) + list(range(prompt_len, prompt_len + keep_answer))
+            cut = len(ids) - len(keep)
+            ids, types, labels = [ids[i] for i in keep], [types[i] for i in keep], [labels[i] for i in keep]
+    out = {"ids": ids, "types": types, "labels": labels, "cut": cut}
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in encoded:
             out[key] = torch.as_tensor(encoded[key])
     return out
 
 
-def collate(rows, processor, media_cfg=None, templates=None, with_answer=False, cache=None):
+def cutoff_lengths(prompt_len, answer_len, cutoff_len):
+    """(prompt tokens kept, answer tokens kept) of an SFT row longer than cutoff_len, LLaMA-Factory's rule
+    (infer_seqlen): an answer under half the budget is kept whole and the prompt cut to the rest; else a prompt
+    under half is kept whole and the answer cut; else both shrink in proportion. Each keeps its head."""
+    if 2 * answer_len < cutoff_len:
+        max_answer = cutoff_len
+    elif 2 * prompt_len < cutoff_len:
+        max_answer = cutoff_len - prompt_len
+    else:
+        max_answer = int(cutoff_len * (answer_len / (prompt_len + answer_len)))
+    keep_answer = min(max_answer, answer_len)
+    return min(max(cutoff_len - keep_answer, 0), prompt_len), keep_answer
+
+
+def collate(rows, processor, media_cfg=None, templates=None, with_answer=False, cache=None, cutoff_len=0,
+            stats=None):
     """Rows -> dict of tensors for Qwen3VLForConditionalGeneration.forward, left-padded.
 
     input_ids / attention_mask / mm_token_type_ids [B, L]; pixel_values [N_patches, C*2*16*16] + image_grid_thw
@@ -533,17 +780,22 @@ def collate(rows, processor, media_cfg=None, templates=None, with_answer=False, 
     them) hold input_ids on the assistant content and its closing <|im_end|>, -100 elsewhere.
     cache: a dict kept by the caller; rows already encoded (by their "source") skip media decode and the
     processor, which dominate a tiny model's step on CPU.
+    cutoff_len (with_answer): rows longer are cut (encode_row); stats, a dict, then counts "truncated_rows" and
+    "truncated_tokens" of this batch, so a trainer can log them.
     """
-    encoded = [encode_cached(row, processor, media_cfg, templates, with_answer, cache) for row in rows]
+    encoded = [encode_cached(row, processor, media_cfg, templates, with_answer, cache, cutoff_len) for row in rows]
+    if stats is not None:
+        stats["truncated_rows"] = stats.get("truncated_rows", 0) + sum(e["cut"] > 0 for e in encoded)
+        stats["truncated_tokens"] = stats.get("truncated_tokens", 0) + sum(e["cut"] for e in encoded)
     return pad_batch(encoded, processor.tokenizer.pad_token_id, with_answer)
 
 
-def encode_cached(row, processor, media_cfg=None, templates=None, with_answer=False, cache=None):
+def encode_cached(row, processor, media_cfg=None, templates=None, with_answer=False, cache=None, cutoff_len=0):
     """encode_row, looked up in (and stored into) `cache` by the row's source when a cache is given."""
     key = (row["source"], with_answer)
     if cache is not None and key in cache:
         return cache[key]
-    item = encode_row(row, processor, media_cfg, templates, with_answer)
+    item = encode_row(row, processor, media_cfg, templates, with_answer, cutoff_len)
     if cache is not None:
         cache[key] = item
     return item

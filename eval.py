@@ -12,8 +12,14 @@ Greedy decoding (SPEC 7). For each data file `<out_dir>/<stem>/rank<r>.jsonl` ho
 (response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun skips the rows
 already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
 
+The release preset feeds the model what the release's Evaluation/Eval/eval_bench.py fed it: the media first, then
+its prompt text (data.RELEASE_TEMPLATE), media sized by qwen-vl-utils' rules and the processor (data.py), and
+generation stops at the checkpoint's EOS ids. Answers are read from the raw response as eval_bench reads them:
+the first <answer>...</answer> (else the whole response), with no tag normalisation; so "< answer >" tags score
+as untagged text and an exact "in / out" transcription stays exact.
+
 Metrics per problem_type (segmentation split into image and video): QA accuracy is the training reward's
-(rewards.py); temporal grounding mean tIoU and R@0.3/0.5/0.7; spatial grounding Acc@0.5 and mean IoU;
+accuracy (rewards.py) on that answer; temporal grounding mean tIoU and R@0.3/0.5/0.7; spatial grounding Acc@0.5 and mean IoU;
 spatial-temporal grounding mean tIoU and mean box IoU over the seconds present in both; tracking AO (mean over
 videos of the per-video mean IoU, the release's), the release's "R@0.5" (share of VIDEOS with mean IoU >= 0.5)
 and the GOT-10k toolkit's SR@0.5 (share of FRAMES with IoU > 0.5); segmentation gIoU / cIoU for images and
@@ -23,9 +29,14 @@ Segmentation answers are a box and points (and a keyframe for video); SAM2.1 Hie
 Without --sam2_checkpoint SAM2 has random weights: the plumbing runs, the masks mean nothing, and the table says
 so. Failed parses, missing media and SAM2 errors score 0 and are counted; no row leaves an average.
 
-The release's evaluation faults this file avoids (SPEC 7): its box IoU crashes on every valid pair; its
-segmentation averages drop failed samples; its multiple-choice score reads the first character (here it is the
-training reward's grade_answer).
+Where the scores differ from eval_bench's on purpose (README, "What differs from the release"):
+- its box IoU crashes on every valid pair (spatial grounding, spatial-temporal grounding, tracking): fixed here;
+- failures (parse, media, SAM2) count 0 in every average (its segmentation averages drop failed samples; it
+  scores segmentation not at all, here SAM2 masks are scored);
+- multiple choice by the reward's grade_answer (it compares the first character, so "Because ..." reads "B");
+- regression by the reward's mean relative accuracy (it scores a ground truth of exactly 0 as wrong, and runs in
+  float64 where the reward runs in float32).
+Spatial-temporal grounding scores its time span and its boxes each on its own, as eval_bench and the reward do.
 """
 import dataclasses
 import json
@@ -48,8 +59,8 @@ import data
 import rewards
 import rollout
 import model as model_lib
-from data import QA_TYPES, rle_decode, task_key
-from rewards import box_iou, extract_answer, is_number_list, normalize_tags, parse_json_answer, temporal_iou
+from data import EVAL_MEDIA, QA_TYPES, rle_decode, task_key
+from rewards import answer_text, box_iou, extract_answer, is_number_list, parse_json_answer, temporal_iou
 
 
 @dataclass
@@ -62,17 +73,24 @@ class Config:
     batch_size: int = 16
     max_new_tokens: int = 512
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; same tokens); false: the eager loop
-    prompt_template: str | None = None  # JSON problem_type -> type line, to match a released checkpoint's prompt
+    prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
     limit: int = 0  # evaluate the first N rows of each file; 0 = all
     bf16: bool = False  # bf16 weights (on GPU); fp32 otherwise
     sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
     sam2_checkpoint: str | None = None  # None: random weights, plumbing only
     sam2_image_size: int | None = None  # None: 1024 with a checkpoint (SAM2's own), 512 with random weights
     mask_variant: str = "davis"  # "davis" (standard J and F) or "release" (the release's, SPEC 7)
+    # media: SPEC 2's eval budgets (data.EVAL_MEDIA) sized by "fit" (ours) or "qwen_vl_utils" (the release's
+    # eval: data.py's media comment), with these minimums (per image, per video frame)
+    sizing: str = EVAL_MEDIA.sizing
+    image_min_pixels: int = EVAL_MEDIA.image_min_pixels
+    video_min_pixels: int = EVAL_MEDIA.video_min_pixels
 
 
-# the release's eval settings, with our decode step compiled
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True, compile=True)}
+# the release's eval settings (and our decode step compiled); its media minimums are qwen-vl-utils' defaults
+# (eval_bench passes none): 4 merged tokens an image, 128 a video frame
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True, compile=True, prompt_template="release",
+                           sizing="qwen_vl_utils", image_min_pixels=4 * 32 * 32, video_min_pixels=128 * 32 * 32)}
 FAILURES = ("parse_failed", "media_missing", "sam2_failed")  # counted per task, each scores 0
 RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningless"
@@ -82,8 +100,9 @@ RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningles
 
 
 def mean_box_iou_common(pred_boxes, gt_boxes):
-    """Spatial-temporal grounding: mean box IoU over the seconds present in both (0 when none are)."""
-    seconds = [k for k in gt_boxes if k in pred_boxes]
+    """Spatial-temporal grounding: mean box IoU over the seconds present in both (0 when none are), summed in
+    the prediction's order as eval_bench sums it (the same float to the bit)."""
+    seconds = [k for k in pred_boxes if k in gt_boxes]
     return sum(box_iou(pred_boxes[k], gt_boxes[k]) for k in seconds) / len(seconds) if seconds else 0.0
 
 
@@ -282,12 +301,6 @@ def solution_text(row):
     return rewards.answer_text(str(truth))
 
 
-def answer_text(response):
-    """The answer as the reward reads it (SPEC 4.1-4.3): tags normalised, the first <answer> content, or the
-    whole response when there is none."""
-    return rewards.answer_text(normalize_tags(response))
-
-
 def parse_answer(text):
     """The JSON object in an answer, or None."""
     value = parse_json_answer(text)
@@ -295,8 +308,10 @@ def parse_answer(text):
 
 
 def qa_accuracy(response, truth, problem_type, data_type):
-    """QA accuracy is the training reward's accuracy (SPEC 4.5): one call into rewards.py."""
-    return float(rewards.score(response, truth, problem_type, data_type)[1]["accuracy"])
+    """QA accuracy: the training reward's accuracy functions (SPEC 4.5) on the answer read from the raw response,
+    as eval_bench reads it (multiple choice by grade_answer and regression by the reward's relative accuracy:
+    the module docstring says why)."""
+    return float(rewards.accuracy(answer_text(response), truth, problem_type.lower(), data_type.lower()))
 
 
 def _finite_numbers(x, n):
@@ -373,14 +388,16 @@ def gt_boxes(row):
 
 
 def score_row(row, response, media_root=".", sam2=None, variant="davis"):
-    """A row's metric parts (SPEC 7), reading the answer as the reward does. A structured answer without the
-    task's well-formed fields is a failed parse and scores 0. For QA types parse_failed marks a response
-    without an <answer> tag; its accuracy is still the reward's, which then reads the whole response."""
+    """A row's metric parts (SPEC 7). The answer is read from the raw response as eval_bench reads it: the first
+    <answer>...</answer>, stripped, else the whole stripped response (no tag normalisation). A structured
+    answer without the task's well-formed fields is a failed parse and scores 0, except spatial-temporal
+    grounding, whose time span and boxes score each on its own (parse_failed: either is malformed). For QA types
+    parse_failed marks a response without an <answer> tag; its accuracy is still read from the whole response."""
     problem_type, data_type = row["problem_type"], row.get("data_type", "image")
     key = task_key(problem_type, data_type)
     ok = dict.fromkeys(FAILURES, False)
     if problem_type in QA_TYPES:
-        tagged = extract_answer(normalize_tags(response)) is not None
+        tagged = extract_answer(response) is not None
         return {**ok, "parse_failed": not tagged,
                 "accuracy": qa_accuracy(response, solution_text(row), problem_type, data_type)}
     if problem_type == "segmentation":
@@ -398,11 +415,11 @@ def score_row(row, response, media_root=".", sam2=None, variant="davis"):
             return failed_parts(row, "parse_failed")
         return {**ok, "iou": box_iou(pred_boxes, gt_answer(row, "boxes", 4))}
 
-    if key == "spatial-temporal grounding":
-        if not is_number_list(pred_time, 2) or not isinstance(pred_boxes, dict):
-            return failed_parts(row, "parse_failed")
-        return {**ok, "tiou": temporal_iou(pred_time, gt_answer(row, "time", 2)),
-                "box_iou": mean_box_iou_common(pred_boxes, gt_boxes(row))}
+    if key == "spatial-temporal grounding":  # each part on its own, as eval_bench and the reward score it
+        boxes_ok = isinstance(pred_boxes, dict)
+        return {**ok, "parse_failed": not (is_number_list(pred_time, 2) and boxes_ok),
+                "tiou": temporal_iou(pred_time, gt_answer(row, "time", 2)),
+                "box_iou": mean_box_iou_common(pred_boxes, gt_boxes(row)) if boxes_ok else 0.0}
 
     if key == "tracking":
         if not isinstance(pred_boxes, dict):
@@ -631,7 +648,7 @@ def load_eval_rows(path, media_root, check_media=True):
 
 def generate_batch(model, processor, rows, cfg, templates, device):
     """Greedy responses for rows whose media exist: (texts, finish reasons)."""
-    inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.EVAL_MEDIA, templates).items()}
+    inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.media_config(cfg, EVAL_MEDIA), templates).items()}
     out = rollout.generate(model, inputs, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
                            top_k=0, generator=None, eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer),
                            compile=cfg.compile)

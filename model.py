@@ -68,7 +68,7 @@ PATCH, MERGE, TEMPORAL_PATCH = 16, 1, 2
 
 def corpus_from_suite(data_dir):
     """Every string a model will read or write in the suite: prompts, answers, rationales, timestamps."""
-    texts = list(data.TYPE_TEMPLATES.values()) + [data.INSTRUCTION]
+    texts = list(data.PROJECT_TEMPLATE.values())
     texts += [f"<{t / 2:.1f} seconds>" for t in range(0, 256)]  # video frame timestamps the processor writes
     paths = sorted(glob.glob(os.path.join(data_dir, "*.json")))
     if not paths:
@@ -152,7 +152,8 @@ def build_tiny_model(out_dir, data_dir=DEFAULT_DATA_DIR, seed=0, size="S"):
     processor = build_processor(tokenizer)
     model = Qwen3VLForConditionalGeneration(tiny_config(tokenizer, size))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    # as Qwen3-VL-Instruct's generation_config.json: a response ends at <|im_end|> or <|endoftext|>
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -175,10 +176,24 @@ def ensure_model(path, data_dir=DEFAULT_DATA_DIR):
 
 def stop_token_ids(model, tokenizer):
     """The token ids that end a response, for train_rl.py and eval.py alike: the checkpoint's generation_config
-    EOS ids and the tokenizer's EOS (<|im_end|>, the end of a chat turn)."""
+    EOS ids (Qwen3-VL-Instruct: <|im_end|> and <|endoftext|>, where the release's vLLM stops too) and the
+    tokenizer's EOS (<|im_end|>, the end of a chat turn)."""
     eos = model.generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return sorted(ids | {tokenizer.eos_token_id} - {None})
+
+
+# LLaMA-Factory's freeze_vision_tower + freeze_multi_modal_projector for Qwen3-VL (model_utils/visual.py): a
+# parameter whose name contains one of these is frozen. The vision position embedding and the deepstack mergers
+# match none of them, so the released SFT trained them.
+FROZEN_VISION_PARTS = ("visual.patch_embed", "visual.blocks", "visual.merger")
+
+
+def freeze_vision(model):
+    """Freeze the vision tower and its projector as the release's SFT did (FROZEN_VISION_PARTS)."""
+    for name, param in model.named_parameters():
+        if any(part in name for part in FROZEN_VISION_PARTS):
+            param.requires_grad_(False)
 
 
 def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None):

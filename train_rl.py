@@ -15,6 +15,8 @@ One step, top to bottom: sample prompts -> roll out group_size answers each (rol
 (ema_grpo.py, the task EMA shared by all ranks) -> old log-probs (when ppo_updates > 1) -> ppo_updates optimizer
 steps over mini-batches -> log -> checkpoint.
 
+The release preset feeds the model what the release fed it: its prompt text (data.RELEASE_TEMPLATE) with the
+media where <image> / <video> stand in the problem, and EasyR1's media sizing (data.py).
 What it leaves out of the release (EasyR1/verl): vLLM and Ray (our own KV-cache rollout on the training
 weights, one process per GPU), sequence packing / dynamic batch sizes, and the reward-model server's
 deployment (rewards.py has the client; pass --reward_model_url). KL to a reference is off, as released.
@@ -55,7 +57,7 @@ class Config:
     media_root: str | None = None  # folder the media paths are relative to; None: the data file's folder
     skip_bad_rows: bool = False  # drop malformed rows (counted in a log line) instead of stopping
     check_media: bool = True  # open every media file's header at start-up (the files split over ranks)
-    prompt_template: str | None = None  # JSON problem_type -> type line, to match a released checkpoint's prompt
+    prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
     out_dir: str = "runs/rl"
     resume: bool = False
     seed: int = 0
@@ -93,7 +95,7 @@ class Config:
     dual_clip: float = 3.0
     kl_coef: float = 0.0  # > 0 loads a frozen reference copy of the starting model
     kl_kind: str = "low_var_kl"  # low_var_kl | k1
-    freeze_vision: bool = False  # the release trains the vision tower in RL
+    freeze_vision: bool = False  # the release trains the vision tower in RL; true: model.freeze_vision (as SFT)
     share_prompt: bool = True  # update forwards run each prompt once, its KV cache repeated for the group
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
@@ -102,6 +104,7 @@ class Config:
     max_frames: int = MEDIA.max_frames
     image_max_pixels: int = MEDIA.image_max_pixels
     video_max_pixels: int = MEDIA.video_max_pixels
+    sizing: str = MEDIA.sizing  # fit (ours) | easyr1 (the release's RL sizing: data.py's media comment)
     cache_inputs: bool = True  # keep rows' processor outputs in memory (media decode dominates tiny steps)
     # logging and checkpoints
     log_every: int = 1
@@ -117,7 +120,8 @@ PRESETS = {
                     micro_batch_prompts=1, rollout_batch_prompts=2, lr=2e-6, weight_decay=0.01,
                     grad_checkpointing=True, bf16=True,
                     share_prompt=False,  # gradient checkpointing (needed at 8B) drops the prompt's KV cache
-                    balance_modalities=False, cache_inputs=False, compile=True, sample_every=10, save_every=25),
+                    balance_modalities=False, cache_inputs=False, compile=True, sample_every=10, save_every=25,
+                    prompt_template="release", sizing="easyr1"),
 }
 
 
@@ -160,7 +164,9 @@ def score_groups(groups, cfg):
     """
     items = [{"response": text, "ground_truth": data.ground_truth(g["row"]),
               "problem_type": g["row"]["problem_type"], "data_type": g["row"]["data_type"],
-              "problem": g["row"]["problem"], "problem_id": str(g["row"].get("problem_id", ""))}
+              # the reward model's prompt: the row's problem_reserved_text, as the release passes it
+              "problem": g["row"].get("problem_reserved_text", g["row"]["problem"]),
+              "problem_id": str(g["row"].get("problem_id", ""))}
              for g in groups for text in g["texts"]]
     scores = rewards.compute_score(items, cfg.format_weight, reward_model_url=cfg.reward_model_url)
     for i, g in enumerate(groups):
@@ -394,7 +400,7 @@ def load_policy(cfg, device, rank):
         ref_model.requires_grad_(False)
         ref_model = common.shard_model(ref_model, mixed_precision=cfg.bf16)
     if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        model_lib.freeze_vision(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     return common.shard_model(model, mixed_precision=cfg.bf16), ref_model, processor

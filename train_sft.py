@@ -5,11 +5,16 @@ assistant tokens only, vision tower and projector frozen in the release preset.
     python train_sft.py                                   # the shapes preset: tiny model, built-in suite, CPU
     python train_sft.py --max_steps=50 --out_dir=runs/sft-try
     torchrun --nproc_per_node 8 train_sft.py --preset=release --model=/models/Qwen3-VL-8B-Instruct \
-        --data=/data/onethinker_sft_image.json --media_root=/data --out_dir=runs/sft
+        --data=/data/onethinker_sft_image.json,/data/onethinker_sft_video.json --media_root=/data --out_dir=runs/sft
     python train_sft.py --out_dir=runs/sft --resume=true  # continue exactly from the newest checkpoint
 
-What it leaves out of the release (LLaMA-Factory): sequence packing (we sort each step's rows by length into
-micro-batches instead and log the padding share), DeepSpeed (FSDP2 instead), liger kernels.
+The release preset is LLaMA-Factory's examples/train_full/onethinker_qwen3_sft.yaml: both data files, one row per
+GPU per optimizer step, each row's token-mean loss averaged over rows, vision tower and projector frozen as
+LLaMA-Factory freezes them (model.freeze_vision), its media budgets and cutoff_len 16384.
+What it leaves out of the release (LLaMA-Factory): DeepSpeed ZeRO-3 (FSDP2 instead; the release's config packs no
+sequences and turns no liger kernels on); README's table "What differs from the release" lists the rest. With
+several rows per micro-batch (the shapes preset) a step's rows are sorted by length into micro-batches and the
+padding share is logged.
 The exported model (out_dir/hf) loads with from_pretrained and is the starting point of train_rl.py and eval.py.
 """
 import dataclasses
@@ -36,8 +41,11 @@ MEDIA = data.MediaConfig()  # the media defaults (SPEC 2), named here because a 
 @dataclass
 class Config:
     model: str = model_lib.DEFAULT_MODEL_DIR  # an HF directory; the default tiny model is built on first use
-    data: str = os.path.join(model_lib.DEFAULT_DATA_DIR, "sft.json")
-    media_root: str | None = None  # default: the data file's directory
+    data: str = os.path.join(model_lib.DEFAULT_DATA_DIR, "sft.json")  # one or more files, comma-separated
+    media_root: str | None = None  # default: each data file's directory
+    # prompt of rows without their own user text (messages of the assistant turn alone, with problem /
+    # problem_type): "release", "project" or a JSON file (data.load_templates); None: ours
+    prompt_template: str | None = None
     skip_bad_rows: bool = False  # True: drop malformed rows (counted in a log line) instead of stopping
     check_media: bool = True  # open every media file's header at start-up (the files split over ranks)
     out_dir: str = "runs/sft"
@@ -45,23 +53,32 @@ class Config:
     seed: int = 0
     # optimisation (SPEC 6: lr 1e-5 cosine, warmup 2%, weight decay 1e-6, 1 epoch)
     max_steps: int = 1500  # optimizer steps; 0 = one epoch
-    batch_size: int = 32  # rows per optimizer step, over all ranks
+    batch_size: int = 32  # rows per optimizer step, over all ranks; 0: one micro-batch per rank (no accumulation)
     micro_batch_size: int = 8  # rows per forward/backward on one rank (small: length-sorted, little padding)
+    # "token": the mean over every labelled token of the step (rows weigh by their length); "row": each row's
+    # token mean, then the mean over the step's rows (LLaMA-Factory's for VLMs, the release's: its loss is the
+    # mean over a micro-batch of 1 row, averaged over GPUs)
+    loss_average: str = "token"
     lr: float = 2e-3
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     warmup_ratio: float = 0.02
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    # True: the vision tower and its projector (mergers) stay as they are (the release's setting for a pretrained
-    # tower; the tiny model's tower is random and must learn)
+    # True: the vision tower's patch embedding and blocks and its merger stay as they are, as LLaMA-Factory's
+    # freeze_vision_tower + freeze_multi_modal_projector (the release); the position embedding and deepstack
+    # mergers still train (model.freeze_vision). False for the tiny model, whose tower is random and must learn
     freeze_vision: bool = False
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
-    # media (SPEC 2)
+    cutoff_len: int = 0  # > 0: longer rows are cut as LLaMA-Factory cuts them, counted and logged; 0: never cut
+    # media (SPEC 2; data.py's media comment)
     fps: float = MEDIA.fps
     max_frames: int = MEDIA.max_frames
+    image_min_pixels: int = MEDIA.image_min_pixels
     image_max_pixels: int = MEDIA.image_max_pixels
-    video_max_pixels: int = MEDIA.video_max_pixels
+    video_min_pixels: int = MEDIA.video_min_pixels  # per frame
+    video_max_pixels: int = MEDIA.video_max_pixels  # per frame
+    sizing: str = MEDIA.sizing  # fit (ours) | easyr1 (the release's; LLaMA-Factory's image arithmetic is EasyR1's)
     cache_inputs: bool = True  # keep rows' processor outputs in memory (media decode dominates tiny steps)
     # validation, logging, checkpoints
     val_rows: int = 128  # held out of `data` (a seeded choice) for the validation loss
@@ -74,27 +91,46 @@ class Config:
 PRESETS = {
     # the embedded default: the tiny S model on the shapes suite, on 2 CPU cores
     "shapes": {},
-    "release": dict(max_steps=0, batch_size=128, micro_batch_size=1, lr=1e-5, weight_decay=1e-6, freeze_vision=True,
-                    grad_checkpointing=True, bf16=True, cache_inputs=False, val_rows=512, val_every=500, save_every=500),
+    # onethinker_qwen3_sft.yaml: 1 row per GPU per step, lr 1e-5 cosine, warmup 0.02, wd 1e-6, 1 epoch, bf16,
+    # frozen tower and projector, image_max_pixels 802816, video_max_pixels 100352, video_maxlen 128,
+    # video_fps 2, cutoff_len 16384 (the minimums are LLaMA-Factory's defaults: 32*32 image, 16*16 video)
+    "release": dict(max_steps=0, batch_size=0, micro_batch_size=1, loss_average="row", lr=1e-5, weight_decay=1e-6,
+                    freeze_vision=True, grad_checkpointing=True, bf16=True, cutoff_len=16384, image_min_pixels=32 * 32,
+                    image_max_pixels=802816, video_min_pixels=16 * 16, video_max_pixels=100352, sizing="easyr1",
+                    prompt_template="release", cache_inputs=False, val_rows=512, val_every=500, save_every=500),
 }
 
 
 # -----------------------------------------------------------------------------
-# the loss: token mean over the assistant tokens of the whole optimizer step
+# the loss: the mean over the assistant tokens of the step, or over its rows of each row's token mean
 
-def sft_loss(model, batch, num_tokens):
-    """Sum of the next-token cross-entropy over labelled tokens of this micro-batch, divided by num_tokens.
+LOSS_AVERAGES = ("token", "row")
 
-    num_tokens is the labelled-token count of the whole optimizer step (all micro-batches, all ranks), so the
-    micro-batch losses add up to the step's token mean and gradients summed over ranks equal one big batch.
+
+def sft_loss(model, batch, denominator, average="token"):
+    """Next-token cross-entropy on the labelled tokens of this micro-batch, summed ("token": over its tokens;
+    "row": over its rows of each row's token mean), divided by denominator.
+
+    denominator is the whole optimizer step's count (all micro-batches, all ranks) of labelled tokens ("token") or
+    of rows with a labelled token ("row": labelled_counts), so the micro-batch losses add up to the step's mean
+    and gradients summed over ranks equal one big batch's.
     """
     labels = batch["labels"]  # [B, L], -100 off the assistant turn
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits[:, :-1].float()  # [B, L-1, V]; position t predicts token t+1
     targets = labels[:, 1:]  # [B, L-1]
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                               reduction="sum")
-    return loss_sum / num_tokens
+    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                 reduction="none").view(targets.shape)  # [B, L-1], 0 off the labels
+    if average == "row":
+        row_tokens = (targets != -100).sum(1).clamp(min=1)  # [B]; a row without labels adds 0
+        return (token_loss.sum(1) / row_tokens).sum() / denominator
+    return token_loss.sum() / denominator
+
+
+def labelled_counts(batch):
+    """{"token": labelled tokens, "row": rows with at least one} of a micro-batch: sft_loss's denominators."""
+    labelled = batch["labels"][:, 1:] != -100  # [B, L-1]
+    return {"token": float(labelled.sum()), "row": float(labelled.any(1).sum())}
 
 
 def length_sorted_micro_batches(rows, micro_batch_size):
@@ -117,20 +153,36 @@ def lr_at(step, cfg, total_steps):
 
 
 @torch.no_grad()
-def validation_loss(model, rows, processor, media_cfg, cfg, device, cache=None):
-    """Token-mean loss over the held-out rows (each rank its share, combined over ranks)."""
+def validation_loss(model, rows, processor, media_cfg, templates, cfg, device, cache=None):
+    """The held-out rows' loss, averaged as training averages it (each rank its share, combined over ranks)."""
     model.eval()
-    total, tokens = 0.0, 0.0
+    total, count = 0.0, 0.0
     for chunk in length_sorted_micro_batches(rows, cfg.micro_batch_size):
-        batch = {k: v.to(device) for k, v in
-                 data.collate(chunk, processor, media_cfg, with_answer=True, cache=cache).items()}
-        n = float((batch["labels"][:, 1:] != -100).sum())
+        batch = {k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, templates, with_answer=True,
+                                                          cache=cache, cutoff_len=cfg.cutoff_len).items()}
         with common.autocast(cfg.bf16, device):
-            total += sft_loss(model, batch, 1.0).item()
-        tokens += n
+            total += sft_loss(model, batch, 1.0, cfg.loss_average).item()
+        count += labelled_counts(batch)[cfg.loss_average]
     model.train()
-    sums = common.all_reduce({"loss": total, "tokens": tokens})
-    return sums["loss"] / max(sums["tokens"], 1.0)
+    sums = common.all_reduce({"loss": total, "count": count})
+    return sums["loss"] / max(sums["count"], 1.0)
+
+
+def step_batches(rows, processor, media_cfg, templates, cfg, device, cache):
+    """This rank's rows of one step as length-sorted micro-batches on device, and the step's counts over all
+    ranks: labelled tokens and rows (the loss denominators), padding and cells, rows and tokens cut by
+    cutoff_len."""
+    cut = {"truncated_rows": 0, "truncated_tokens": 0}
+    batches = [{k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, templates, with_answer=True,
+                                                         cache=cache, cutoff_len=cfg.cutoff_len, stats=cut).items()}
+               for chunk in length_sorted_micro_batches(rows, cfg.micro_batch_size)]
+    local = {"padding": 0.0, "cells": 0.0, "token": 0.0, "row": 0.0, **{k: float(v) for k, v in cut.items()}}
+    for b in batches:
+        for key, value in labelled_counts(b).items():
+            local[key] += value
+        local["padding"] += float((b["attention_mask"] == 0).sum())
+        local["cells"] += float(b["attention_mask"].numel())
+    return batches, common.all_reduce(local)
 
 
 def load_model(cfg, device, rank):
@@ -140,15 +192,18 @@ def load_model(cfg, device, rank):
     common.barrier()  # the other ranks wait for the tiny model to be built
     model, processor = model_lib.load_model(cfg.model, device=str(device))
     if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
+        model_lib.freeze_vision(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
     return common.shard_model(model, mixed_precision=cfg.bf16), processor
 
 
 def load_split(cfg, rank, world_size):
-    """(train rows, this rank's share of the val_rows held out for the validation loss: a seeded choice)."""
-    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows, check_media=cfg.check_media)
+    """(train rows of every data file, this rank's share of the val_rows held out for the validation loss: a seeded
+    choice over all files)."""
+    rows = [row for path in cfg.data.split(",")
+            for row in data.load_rows(path, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows,
+                                           check_media=cfg.check_media)]
     bad = [r["source"] for r in rows if r["kind"] != "sft"]
     if bad:
         raise ValueError(f"{bad[0]}: train_sft.py needs SFT rows (messages with an assistant turn)")
@@ -160,6 +215,9 @@ def load_split(cfg, rank, world_size):
 def main(argv):
     cfg = common.parse_config(Config, argv, PRESETS)
     rank, world_size, _, device = common.init_distributed()
+    cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or world_size * cfg.micro_batch_size)
+    if cfg.loss_average not in LOSS_AVERAGES:
+        raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {cfg.loss_average!r}")
     if cfg.batch_size % (world_size * cfg.micro_batch_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of world_size*micro_batch_size="
                          f"{world_size}*{cfg.micro_batch_size}")
@@ -171,6 +229,7 @@ def main(argv):
     # --- model, data, optimizer
     model, processor = load_model(cfg, device, rank)
     media_cfg = data.media_config(cfg)
+    templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     train_rows, val_rows = load_split(cfg, rank, world_size)
     sampler = data.ShardedSampler(len(train_rows), rank, world_size, seed=cfg.seed)
     rows_per_rank = cfg.batch_size // world_size
@@ -183,10 +242,10 @@ def main(argv):
     sigterm = common.install_sigterm_flag()
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
 
-    step = 0
+    step, truncated = 0, {"truncated_rows": 0.0, "truncated_tokens": 0.0}  # cut by cutoff_len, all ranks, so far
     if cfg.resume and (path := common.latest_checkpoint(ckpt_dir)):
         extra = common.load_checkpoint(path, model, optimizer)
-        step = extra["step"]
+        step, truncated = extra["step"], extra.get("truncated", truncated)
         sampler.load_state_dict(extra["sampler"])
         common.set_rng_state(extra["rng"])
         if rank == 0:
@@ -202,13 +261,8 @@ def main(argv):
         t0 = time.perf_counter()
         # --- batch: this rank's rows, sorted by length into micro-batches
         step_rows = [train_rows[i] for i in sampler.next_batch(rows_per_rank)]
-        batches = [{k: v.to(device) for k, v in
-                    data.collate(chunk, processor, media_cfg, with_answer=True, cache=cache).items()}
-                   for chunk in length_sorted_micro_batches(step_rows, cfg.micro_batch_size)]
-        local_tokens = sum(float((b["labels"][:, 1:] != -100).sum()) for b in batches)
-        local_padding = sum(float((b["attention_mask"] == 0).sum()) for b in batches)
-        local_cells = sum(float(b["attention_mask"].numel()) for b in batches)
-        counts = common.all_reduce({"tokens": local_tokens, "padding": local_padding, "cells": local_cells})
+        batches, counts = step_batches(step_rows, processor, media_cfg, templates, cfg, device, cache)
+        truncated = {k: v + counts[k] for k, v in truncated.items()}
         t_data = time.perf_counter() - t0
 
         # --- forward / backward over micro-batches; gradients sync on the last one only
@@ -219,7 +273,7 @@ def main(argv):
         for i, batch in enumerate(batches):
             common.set_grad_sync(model, i == len(batches) - 1)
             with common.autocast(cfg.bf16, device):
-                loss = sft_loss(model, batch, counts["tokens"])
+                loss = sft_loss(model, batch, max(counts[cfg.loss_average], 1.0), cfg.loss_average)
             loss.backward()
             loss_total += loss.item()
         loss_total = common.all_reduce(loss_total)
@@ -238,14 +292,16 @@ def main(argv):
         if step % cfg.log_every == 0 or step == total_steps:
             logger.log(step, {"loss": loss_total, "lr": lr, "grad_norm": grad_norm,
                               "padding_share": counts["padding"] / counts["cells"],
-                              "tokens_per_step": counts["tokens"], "epoch": sampler.epoch,
+                              "tokens_per_step": counts["token"], "epoch": sampler.epoch, **truncated,
                               "sec": {"step": time.perf_counter() - t0, "data": t_data}})
         if cfg.val_rows and (step % cfg.val_every == 0 or step == total_steps):
-            logger.log(step, {"val_loss": validation_loss(model, val_rows, processor, media_cfg, cfg, device, cache)})
+            logger.log(step, {"val_loss": validation_loss(model, val_rows, processor, media_cfg, templates, cfg, device,
+                                                          cache)})
         stop = common.all_reduce(float(sigterm.requested), "max") > 0
         if step % cfg.save_every == 0 or step == total_steps or stop:
             common.save_checkpoint(ckpt_dir, step, model, optimizer, {
-                "sampler": sampler.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(cfg)})
+                "sampler": sampler.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(cfg),
+                "truncated": truncated})
         if stop:
             if rank == 0:
                 print(f"SIGTERM: checkpoint written at step {step}; exiting")

@@ -1,5 +1,9 @@
-"""eval.py: every metric against hand-computed values; SAM2 end to end on CPU at small resolution."""
+"""eval.py: every metric against hand-computed values and, per row and per file, against eval_bench's reading
+(restated from the released code); SAM2 end to end on CPU at small resolution."""
+import itertools
 import json
+import re
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -291,3 +295,186 @@ def test_prediction_mask_is_compared_at_the_annotation_size():
     pred[1:3, 2:4] = True
     resized = ev.at_size(pred, (8, 12))
     assert resized.shape == (8, 12) and resized.sum() == 16 and resized[2:6, 4:8].all()
+
+
+# -----------------------------------------------------------------------------
+# answers read as the release's Evaluation/Eval/eval_bench.py reads them
+
+def release_extract(text):
+    """eval_bench's extract_answer, restated: the first <answer>...</answer> of the raw text, stripped."""
+    match = re.search(r"<answer>\s*(.*?)\s*</answer>", text, re.DOTALL)
+    return match.group(1).strip() if match else text.strip()
+
+
+def release_eval_accuracy(response, ground_truth, problem_type):
+    """eval_bench's accuracy_only, restated for the types scored as it scores them: (accuracy, components). Its
+    box IoU crashes on every valid pair (it unpacks min(x2, X2) into two names): here it is the IoU it means."""
+    from mathruler.grader import grade_answer
+    from math_verify import parse, verify
+    from rouge_score import rouge_scorer
+    ans = release_extract(response) or response.strip()
+    gt = release_extract(ground_truth) or ground_truth
+
+    def numbers(x, n):
+        try:
+            return isinstance(x, list) and len(x) == n and [float(v) for v in x]
+        except (TypeError, ValueError):
+            return False
+
+    def iou_1d(a, b):
+        a, b = numbers(a, 2), numbers(b, 2)
+        if not a or not b:
+            return 0.0
+        inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+        union = max(a[1], b[1]) - min(a[0], b[0])
+        return inter / union if union > 1e-12 else 0.0
+
+    def iou_2d(a, b):
+        a, b = numbers(a, 4), numbers(b, 4)
+        if not a or not b:
+            return 0.0
+        inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1]) + max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1]) - inter
+        return inter / union if union > 1e-12 else 0.0
+
+    def load(s):
+        try:
+            return json.loads(s)
+        except ValueError:
+            return None
+    if problem_type == "numerical":
+        try:
+            return float(round(float(ans.replace(",", "")), 2) == round(float(gt.replace(",", "")), 2)), {}
+        except ValueError:
+            return 0.0, {}
+    if problem_type == "OCR":
+        ref, hyp = gt.split(), ans.split()
+        d = [[i + j if not i * j else 0 for j in range(len(hyp) + 1)] for i in range(len(ref) + 1)]
+        for i, j in itertools.product(range(1, len(ref) + 1), range(1, len(hyp) + 1)):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]))
+        return max(0.0, min(1.0, 1.0 - d[-1][-1] / max(1, len(ref)))), {}
+    if problem_type == "open-ended":
+        s = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True).score(gt, ans)
+        return (s["rouge1"].fmeasure + s["rouge2"].fmeasure + s["rougeL"].fmeasure) / 3, {}
+    if problem_type == "math":
+        try:
+            return float(bool(verify(parse(gt), parse(ans)))), {}
+        except Exception:  # noqa: BLE001  (eval_bench: grade_answer when math-verify raises)
+            return float(grade_answer(ans, gt)), {}
+    pred, truth = load(ans), load(gt)
+    if problem_type == "temporal grounding":
+        tiou = iou_1d(pred.get("time") if isinstance(pred, dict) else None, truth["time"])
+        return tiou, {"tiou": tiou}
+    if problem_type == "spatial grounding":
+        iou = iou_2d(pred.get("boxes") if isinstance(pred, dict) else None, truth["boxes"])
+        return iou, {"iou": iou}
+    if problem_type == "spatial-temporal grounding":
+        if not isinstance(pred, dict):
+            return 0.0, {"tiou": 0.0, "miou_inter": 0.0}
+        tiou = iou_1d(pred.get("time"), truth["time"])
+        boxes = pred.get("boxes") if isinstance(pred.get("boxes"), dict) else {}
+        common = [k for k in boxes if k in truth["boxes"]]
+        miou = sum(iou_2d(boxes[k], truth["boxes"][k]) for k in common) / len(common) if common else 0.0
+        return 0.5 * tiou + 0.5 * miou, {"tiou": tiou, "miou_inter": miou}
+    if problem_type == "tracking":
+        boxes = pred.get("boxes") if isinstance(pred, dict) and isinstance(pred.get("boxes"), dict) else {}
+        miou = sum(iou_2d(boxes.get(k, []), box) for k, box in truth["boxes"].items()) / len(truth["boxes"])
+        return miou, {"miou_gt": miou}
+    raise ValueError(problem_type)
+
+
+def release_file_metrics(rows, responses):
+    """eval_bench's accumulate_metrics + finalize_metrics, restated: per type "acc" and per component mean and
+    R@0.3/0.5/0.7 (>=)."""
+    sums = defaultdict(list)
+    for r, response in zip(rows, responses):
+        acc, components = release_eval_accuracy(response, r["solution"], r["problem_type"])
+        sums[f"{r['problem_type']}/acc"].append(acc)
+        for name, value in components.items():
+            sums[f"{r['problem_type']}/{name}/mean"].append(value)
+            for t in (0.3, 0.5, 0.7):
+                sums[f"{r['problem_type']}/{name}/R@{t}"].append(float(value >= t))
+    return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+GT_BOXES = {"3": [100, 100, 300, 300], "4": [120, 100, 320, 300], "5": [140, 100, 340, 300]}
+EVAL_CASES = {  # problem_type: (ground truth, responses of every quality)
+    "numerical": ("1,234.5", ["<answer>1234.5</answer>", "< answer >1234.5</ answer >", "1,234.50", "<answer>12",
+                              "<think>1234.5</think><answer></answer>", "<answer>1234.504</answer>x<answer>9</answer>"]),
+    "OCR": ("in / out", ["<answer>in / out</answer>", "<answer>in/out</answer>", "< answer >in / out< / answer >",
+                         "in / out", "<answer>\n in / out \n</answer>", "<answer>out / in</answer>"]),
+    "open-ended": ("a red circle on the left", ["<answer>a red circle</answer>", "<answer >red circles, left</answer >",
+                                                "The circle is red.", "<answer>a/red circle</answer>"]),
+    "math": ("\\frac{1}{2}", ["<answer>0.5</answer>", "<answer>$\\frac{1}{2}$</answer>", "< answer >1/2</answer>",
+                              "<answer>2</answer>"]),
+    "temporal grounding": ('{"time": [2.0, 6.0]}', [
+        '<answer>{"time": [3, 6]}</answer>', '<answer>{"time": ["2", "5"]}</answer>', '{"time": [1, 4]}',
+        '< answer >{"time": [2, 6]}< / answer >', '<answer>{"time": [2, 6</answer>', '<answer>{"time": 4}</answer>',
+        '<answer>{"time": [7, 9]}</answer>']),
+    "spatial grounding": ('{"boxes": [100, 100, 300, 300]}', [
+        '<answer>{"boxes": [100, 100, 300, 300]}</answer>', '<answer>{"boxes": [150, 100, 300, 300]}</answer>',
+        '< answer >{"boxes": [100, 100, 300, 300]}</answer>', '<answer>{"boxes": [1, 2, 3]}</answer>',
+        '<answer>[100, 100, 300, 300]</answer>', '<answer>{"boxes": ["100", "100", "200", "300"]}</answer>']),
+    "spatial-temporal grounding": (json.dumps({"time": [3.0, 5.5], "boxes": GT_BOXES}), [
+        answer({"time": [3, 5], "boxes": GT_BOXES}),
+        answer({"time": [3, 5], "boxes": {"3": [100, 100, 200, 300], "9": [0, 0, 1, 1]}}),
+        answer({"time": "3-5", "boxes": GT_BOXES}),  # a malformed span: the boxes still score
+        answer({"time": [3, 5], "boxes": [100, 100, 300, 300]}),  # boxes not a map: the span still scores
+        answer({"boxes": {"4": [120, 100, 320, 300], "5": "none"}}),
+        '< answer >' + json.dumps({"time": [3, 5], "boxes": GT_BOXES}) + '</answer>', "<answer>[]</answer>"]),
+    "tracking": (json.dumps({"boxes": GT_BOXES}), [
+        answer({"boxes": GT_BOXES}), answer({"boxes": {"3": [100, 100, 300, 300]}}),
+        answer({"boxes": [GT_BOXES["3"]]}), json.dumps({"boxes": GT_BOXES}), "<answer>{}</answer>"]),
+}
+
+
+def eval_case_rows():
+    rows, responses = [], []
+    for problem_type, (truth, cases) in EVAL_CASES.items():
+        data_type = "video" if "temporal" in problem_type or problem_type == "tracking" else "image"
+        for response in cases:
+            rows.append({"problem": "q", "problem_type": problem_type, "data_type": data_type,
+                         "solution": f"<answer>{truth}</answer>", "problem_id": len(rows)})
+            responses.append(response)
+    return rows, responses
+
+
+def test_rows_score_as_eval_bench_scores_them():
+    """Per row: the answer from the raw response (no tag normalisation) and eval_bench's values to the bit,
+    spatial-temporal grounding's span and boxes each on its own."""
+    for r, response in zip(*eval_case_rows()):
+        acc, components = release_eval_accuracy(response, r["solution"], r["problem_type"])
+        parts = ev.score_row(r, response)
+        if r["problem_type"] in ev.QA_TYPES:
+            assert parts["accuracy"] == acc, (r["problem_type"], response)
+        elif r["problem_type"] == "spatial-temporal grounding":
+            assert (parts["tiou"], parts["box_iou"]) == (components["tiou"], components["miou_inter"]), response
+        elif r["problem_type"] == "tracking":
+            assert ev.mean(parts["frame_ious"]) == components["miou_gt"], response
+        else:
+            assert parts["tiou" if "temporal" in r["problem_type"] else "iou"] == acc, response
+
+
+def test_files_score_as_eval_bench_scores_them():
+    rows, responses = eval_case_rows()
+    ours, theirs = ev.compute_metrics(rows, responses), release_file_metrics(rows, responses)
+    pairs = [("temporal grounding", "mean_tiou", "tiou/mean"), ("spatial grounding", "mean_iou", "iou/mean"),
+             ("spatial grounding", "acc@0.5", "iou/R@0.5"), ("spatial-temporal grounding", "mean_tiou", "tiou/mean"),
+             ("spatial-temporal grounding", "mean_box_iou", "miou_inter/mean"), ("tracking", "ao", "miou_gt/mean"),
+             ("tracking", "release_video_r@0.5", "miou_gt/R@0.5")]
+    pairs += [("temporal grounding", f"r@{t}", f"tiou/R@{t}") for t in ev.RECALL_THRESHOLDS]
+    pairs += [(t, "accuracy", "acc") for t in ("numerical", "OCR", "open-ended", "math")]
+    for task, ours_key, their_key in pairs:
+        assert ours[task][ours_key] == theirs[f"{task}/{their_key}"], (task, ours_key)
+    # what the old reading got wrong: an exact "in / out" scores 1, a "< answer >" tag reads as untagged text
+    assert ev.score_row(rows[6], "<answer>in / out</answer>")["accuracy"] == 1.0
+    assert ev.score_row(rows[0], "< answer >1234.5</ answer >") == {**dict.fromkeys(ev.FAILURES, False),
+                                                                    "parse_failed": True, "accuracy": 0.0}
+
+
+def test_documented_differences_from_eval_bench():
+    mc = {**row("multiple choice", None), "solution": "<answer>B</answer>", "options": ["A. a", "B. b"]}
+    assert ev.score_row(mc, "Because of the colour")["accuracy"] == 0.0  # eval_bench reads "B" from "Because"
+    assert ev.score_row(mc, "<answer>(B)</answer>")["accuracy"] == 1.0  # grade_answer, as training scores it
+    zero = {**row("regression", None), "solution": "<answer>0</answer>"}
+    assert ev.score_row(zero, "<answer>0</answer>")["accuracy"] == 1.0  # eval_bench: a 0 ground truth scores 0

@@ -6,9 +6,12 @@ import os
 import torch
 from conftest import TEST_MEDIA
 from safetensors.torch import load_file
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 import data
+import memory
 import model as model_lib
+import rollout
 
 
 def test_save_load_round_trip_identical_logits(suite_dir, tiny, tmp_path):
@@ -66,3 +69,45 @@ def test_chat_template_renders_qwen_format(tiny):
                     "<|im_start|>assistant\n")
     plain = processor.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert plain == "<|im_start|>user\nhi<|im_end|>\n"
+
+
+def test_freeze_vision_leaves_trainable_what_llama_factory_leaves(tiny):
+    """LLaMA-Factory's freeze_vision_tower + freeze_multi_modal_projector on Qwen3-VL (the release's SFT) freezes
+    names containing visual.patch_embed, visual.blocks or visual.merger: on Qwen3-VL-8B's architecture the vision
+    position embedding and the three deepstack mergers stay trainable, and the whole language model."""
+    with torch.device("meta"):
+        big = Qwen3VLForConditionalGeneration(Qwen3VLConfig(**memory.QWEN3_VL_8B))
+    model_lib.freeze_vision(big)
+    trainable = [name for name, p in big.named_parameters() if p.requires_grad and ".visual." in name]
+    assert trainable == ["model.visual.pos_embed.weight"] + [
+        f"model.visual.deepstack_merger_list.{i}.{layer}.{kind}"
+        for i in range(3) for layer in ("norm", "linear_fc1", "linear_fc2") for kind in ("weight", "bias")]
+    frozen = [name for name, p in big.named_parameters() if not p.requires_grad]
+    assert all(name.startswith(("model.visual.patch_embed.", "model.visual.blocks.", "model.visual.merger."))
+               for name in frozen) and any(".merger." in name for name in frozen)
+    assert all(p.requires_grad for name, p in big.named_parameters() if not name.startswith("model.visual."))
+
+
+def test_generation_stops_at_either_eos_of_the_generation_config(tiny, suite_dir):
+    """As Qwen3-VL-Instruct's generation_config: <|im_end|> and <|endoftext|> both end a response, in
+    train_rl.py and eval.py alike (model.stop_token_ids)."""
+    tiny_model, processor = tiny
+    tok = processor.tokenizer
+    end_of_text = tok.convert_tokens_to_ids("<|endoftext|>")
+    stop = model_lib.stop_token_ids(tiny_model, tok)
+    assert stop == sorted([tok.convert_tokens_to_ids("<|im_end|>"), end_of_text])
+    batch = data.collate([data.load_rows(str(suite_dir / "rl.json"))[3]], processor, TEST_MEDIA)
+
+    def end_of_text_at_step_3(module, args, logits):  # logits [B, L, V]: the 3rd new token is <|endoftext|>
+        calls.append(1)
+        if len(calls) == 3:
+            logits[:, -1, end_of_text] = 1e4
+        return logits
+    for eos, length, reason in ((stop, 3, "stop"), ([stop[1]], 6, "length")):
+        calls = []
+        hook = tiny_model.lm_head.register_forward_hook(end_of_text_at_step_3)
+        try:
+            out = rollout.generate(tiny_model, batch, max_new_tokens=6, temperature=0, eos_token_ids=eos)
+        finally:
+            hook.remove()
+        assert out["response_mask"].sum().item() == length and out["finish_reasons"] == [reason]

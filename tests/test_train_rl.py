@@ -388,3 +388,20 @@ def test_torchrun_update_and_task_ema_match_one_process(model_dir, suite_dir, tm
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+
+
+def test_reward_model_gets_problem_reserved_text(monkeypatch):
+    """The release passes each row's problem_reserved_text as the reward model's prompt (rows without one: the
+    problem)."""
+    seen = []
+
+    def capture(items, *args, **kwargs):
+        seen.extend(item["problem"] for item in items)
+        return [{"overall": 0.0, "accuracy": 0.0, "format": 0.0, "structure_reward": 0.0} for _ in items]
+    monkeypatch.setattr(rewards, "compute_score", capture)
+    base = {"kind": "rl", "answer": "a", "problem_type": "open-ended", "data_type": "image", "source": "s"}
+    groups = [{"row": {**base, "problem": "<image>What is it?", "problem_reserved_text": "What is it?"},
+               "texts": ["x", "y"]},
+              {"row": {**base, "problem": "Why?"}, "texts": ["x", "y"]}]
+    train_rl.score_groups(groups, train_rl.Config(group_size=2))
+    assert seen == ["What is it?", "What is it?", "Why?", "Why?"]

@@ -91,7 +91,7 @@ def test_sft_loss_is_the_assistant_token_mean(tiny, suite_dir):
                     total -= F.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
                     count += 1
         assert count == int((labels != -100).sum())
-        loss = train_sft.sft_loss(tiny_model, batch, num_tokens=count)
+        loss = train_sft.sft_loss(tiny_model, batch, count)
         assert loss.item() == pytest.approx(total / count, rel=1e-5)
 
         # micro-batches normalised by the step's token count add up to the loss of the whole batch
@@ -191,3 +191,85 @@ def test_export_loads_and_gives_the_trained_logits(reference_run, sft_args, mode
     vision = "model.visual.blocks.0.attn.qkv.weight"
     assert not torch.equal(trained.state_dict()[language], start[language])
     assert torch.equal(trained.state_dict()[vision], start[vision])  # --freeze_vision=true kept it
+
+
+# -----------------------------------------------------------------------------
+# the release's recipe: per-row loss, several files, cutoff_len
+
+def test_row_average_is_the_mean_of_each_rows_token_mean(tiny, suite_dir):
+    """loss_average="row" (LLaMA-Factory's for VLMs): each row's token mean, then the mean over rows, by hand."""
+    tiny_model, processor = tiny
+    image, video = data.load_rows(str(suite_dir / "sft.json"))
+    long = {**image, "source": "long", "messages": [image["messages"][0],
+                                                    {"role": "assistant", "content": answer("1234567890" * 3)}]}
+    rows = [image, long, video]
+    batch = data.collate(rows, processor, TEST_MEDIA, with_answer=True)
+    labels = batch["labels"]  # [B, L]
+    with torch.no_grad():
+        logits = tiny_model(**{k: v for k, v in batch.items() if k != "labels"}).logits.double()  # [B, L, V]
+        per_row = []
+        for b in range(len(rows)):
+            nll = [-F.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+                   for t in range(1, labels.shape[1]) if labels[b, t] != -100]
+            per_row.append(nll)
+        counts = train_sft.labelled_counts(batch)
+        assert counts == {"token": sum(map(len, per_row)), "row": 3.0}
+        row_mean = sum(sum(x) / len(x) for x in per_row) / 3
+        token_mean = sum(map(sum, per_row)) / counts["token"]
+        assert len({len(x) for x in per_row}) == 3 and row_mean != pytest.approx(token_mean, rel=1e-3)
+        assert train_sft.sft_loss(tiny_model, batch, 3.0, "row").item() == pytest.approx(row_mean, rel=1e-5)
+        assert train_sft.sft_loss(tiny_model, batch, counts["token"], "token").item() == pytest.approx(token_mean,
+                                                                                                       rel=1e-5)
+        # one row per micro-batch (the release: 1 row per GPU), divided by the step's 3 rows: the same mean
+        parts = [train_sft.sft_loss(tiny_model, data.collate([r], processor, TEST_MEDIA, with_answer=True), 3.0, "row")
+                 for r in rows]
+        assert sum(p.item() for p in parts) == pytest.approx(row_mean, rel=1e-5)
+
+
+def test_release_preset_is_one_row_per_gpu_per_step():
+    cfg = common.parse_config(train_sft.Config, ["--preset=release"], train_sft.PRESETS)
+    assert (cfg.batch_size, cfg.micro_batch_size, cfg.loss_average) == (0, 1, "row")  # 0: world_size x 1 rows
+    assert (cfg.cutoff_len, cfg.image_max_pixels, cfg.video_max_pixels, cfg.max_frames) == (16384, 802816, 100352, 128)
+    assert (cfg.sizing, cfg.prompt_template, cfg.freeze_vision) == ("easyr1", "release", True)
+
+
+def test_several_data_files_train_together(suite_dir, tmp_path):
+    image, video = suite_rows()["sft.json"]
+    (tmp_path / "image.json").write_text(json.dumps([image] * 3))
+    (tmp_path / "video.json").write_text(json.dumps([video] * 2))
+    cfg = train_sft.Config(data=f"{tmp_path / 'image.json'},{tmp_path / 'video.json'}", media_root=str(suite_dir),
+                           val_rows=1)
+    train, val = train_sft.load_split(cfg, rank=0, world_size=1)
+    assert len(train) == 4 and len(val) == 1
+    assert sorted(r["data_type"] for r in train + val) == ["image"] * 3 + ["video"] * 2
+
+
+def test_cutoff_lengths_follow_llama_factory():
+    # answer under half the budget: kept whole, the prompt takes the rest
+    assert data.cutoff_lengths(prompt_len=100, answer_len=20, cutoff_len=64) == (44, 20)
+    # prompt under half: kept whole, the answer takes the rest
+    assert data.cutoff_lengths(prompt_len=20, answer_len=100, cutoff_len=64) == (20, 44)
+    # both over half: cut in proportion, int(64 * 60 / 160) = 24 for the answer
+    assert data.cutoff_lengths(prompt_len=100, answer_len=60, cutoff_len=64) == (40, 24)
+
+
+def test_cutoff_cuts_counts_and_never_cuts_media(tiny, suite_dir, tmp_path):
+    _, processor = tiny
+    image, video = data.load_rows(str(suite_dir / "sft.json"))
+    text = {**image, "media": [], "media_types": [], "data_type": None, "source": "text",
+            "messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": answer("7" * 40)}]}
+    full = data.encode_row(text, processor, TEST_MEDIA, with_answer=True)
+    prompt_len = full["labels"].index(next(t for t in full["labels"] if t != -100))
+    budget = 2 * prompt_len + 5  # the answer is longer than half of it and the prompt shorter
+    assert len(full["ids"]) - prompt_len > budget / 2
+    cut = data.encode_row(text, processor, TEST_MEDIA, with_answer=True, cutoff_len=budget)
+    # so the prompt stays whole and the answer keeps its head
+    assert cut["ids"] == full["ids"][:budget] and cut["labels"] == full["labels"][:budget]
+    assert cut["cut"] == len(full["ids"]) - budget
+    short = {**text, "source": "short", "messages": [text["messages"][0], {"role": "assistant", "content": "7"}]}
+    stats = {}
+    data.collate([text, short], processor, TEST_MEDIA, with_answer=True, cutoff_len=budget, stats=stats)
+    assert stats == {"truncated_rows": 1, "truncated_tokens": cut["cut"]}
+    # a budget that would cut into the video's tokens fails, naming the row, as LLaMA-Factory's run would fail
+    with pytest.raises(ValueError, match=r"sft\.json: row 1: cutoff_len=20 would cut into the prompt's media"):
+        data.encode_row(video, processor, TEST_MEDIA, with_answer=True, cutoff_len=20)
