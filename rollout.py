@@ -6,12 +6,15 @@ Rollout: batched generation for image, video and text prompts with a KV cache, p
 
 How a rollout runs (one screen each below):
 1. prefill: the left-padded prompt batch goes once through the HF forward (vision tower, deepstack, 3D rope
-   positions computed here once); its KV cache is copied n times into a preallocated static cache.
+   positions computed here once); its KV cache is copied to the n samples of each prompt, in a cache whose rows
+   and length are powers of two, grown as decoding goes (generate's docstring has the rule).
 2. decode: one token per step through our own decode step, which calls the model's own layers (norms,
-   projections, MLP, rotary) on the cached keys/values. Rows that stop are dropped from the batch and the cache,
-   so a finished row costs nothing. Equivalence with `model.generate` is tested in tests/test_rollout.py.
+   projections, MLP, rotary) on the cached keys/values. Rows that stop are ignored, and dropped from the batch
+   and the cache once the rest fit half of it. compile=True runs the step through torch.compile (CUDA graphs on
+   GPU: one graph replay per token instead of a kernel launch per operation). Equivalence with
+   `model.generate`, eager and compiled, is tested in tests/test_rollout.py.
 3. sampling: `sample` is a pure function of logits and a torch.Generator (temperature, top-k, top-p, or greedy
-   at temperature 0).
+   at temperature 0); the compiled step takes its uniforms from outside (`sample_with`).
 
 Log-probs are of the sampled tokens under the raw (temperature 1, unfiltered) distribution: that is what the
 PPO ratio uses (train_rl.py recomputes them with `token_logprobs` when it takes several updates per rollout),
@@ -136,7 +139,8 @@ def gathered_params(model):
     (2.2 GB sharded), next to the sharded training state (fp32 params 4.4 GB + AdamW moments 8.8 GB; grads are
     freed before a rollout) and the KV cache: 36 layers x 8 KV heads x 128 dims x 2 (K, V) x 2 bytes = 147 KB
     per token and row, prompt included (it is copied to each of the n samples); 32 rows x 4k tokens = 19 GB.
-    About 50 GB in all: size rollout micro-batches (rows x (prompt + max_new_tokens)) for the cache.
+    About 50 GB in all: size rollout micro-batches for the cache's worst case, rows x bucket(prompt +
+    max_new_tokens) (it grows to that only when a row runs that long; generate's growth rule).
     """
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for module in fsdp_modules:
@@ -163,11 +167,10 @@ def decode_step(model, tokens, positions, cache, slot, key_mask, length):
 
     The same layers as the HF forward, called part by part: skips the mask building, output capturing and
     cache bookkeeping that dominate a one-token forward on small batches. Deepstack adds vision features at
-    vision positions only, so decode (text tokens) has none. Every shape is fixed by (A, S) and the slot is a
-    tensor, so torch.compile captures one graph per shape bucket (`compiled_step`). Attention is written out
-    (two matmuls and a masked softmax over the whole bucket) rather than SDPA: for one query per row inductor
-    fuses it, where CPU SDPA's flash kernel costs more than the rest of the step (measured in `bench.py rollout`'s
-    development, see generate).
+    vision positions only, so decode (text tokens) has none. Attention reads the first `length` slots: the eager
+    loop passes the filled ones, the compiled step the whole bucket S, so that with the slot a tensor every shape
+    is fixed by (A, S) and CUDA graphs replay one graph per bucket (`compiled_step`). It is written out (two
+    matmuls and a masked softmax, fp32) for one query per row, where SDPA would need its [A, Hq, 1, S] mask.
     """
     lm = model.model.language_model
     h = lm.embed_tokens(tokens)[:, None]  # [A, 1, H]
@@ -201,10 +204,10 @@ def decode_and_sample(model, tokens, positions, cache, slot, key_mask, length, u
 
 @functools.cache
 def compiled_step(device_type):
-    """decode_and_sample under torch.compile: on GPU mode="reduce-overhead" (CUDA graphs: the ~30 kernels of each
-    layer replayed as one graph), on CPU inductor's default mode (fused C++ loops). dynamic=True: one compilation
-    serves every (rows, cache length) bucket; CUDA graphs still record one graph per bucket, which is why the
-    shapes are bucketed."""
+    """decode_and_sample under torch.compile: on GPU mode="reduce-overhead" (CUDA graphs: the step's kernels
+    replayed as one graph), on CPU inductor's default mode (fused C++ loops). dynamic=True: one compilation
+    serves every (rows, cache length) bucket, and one more a single row (torch specializes sizes of 1); CUDA
+    graphs still record one graph per bucket, which is why the shapes are bucketed."""
     return torch.compile(decode_and_sample, dynamic=True, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
