@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from mathruler.grader import grade_answer
 from rouge_score import rouge_scorer
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.video_utils import VideoMetadata
 
 import common
@@ -58,6 +59,36 @@ def rollout_prompts(processor, count, seed=0):
     return processor(text=texts, padding=True, return_tensors="pt", **media)
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops that compute (views excluded): in eager mode, one kernel launch each."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(model, processor):
+    """(ops of one eager decode step, of which per layer): the step counted with all layers and with one."""
+    inputs = rollout_prompts(processor, 2)
+    P, lm = inputs["input_ids"].shape[1], model.model.language_model
+    out = model(**inputs, position_ids=rollout.prompt_positions(model, inputs)[0], use_cache=True)
+    cache, key_mask = rollout.resize_cache([(layer.keys, layer.values) for layer in out.past_key_values.layers],
+                                           inputs["attention_mask"].bool(), torch.arange(2), P + 1, static=False)
+    counts, layers = [], lm.layers
+    for keep in (len(layers), 1):
+        lm.layers = layers[:keep]
+        with CountOps() as counter:
+            rollout.decode_and_sample(model, torch.zeros(2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
+                                      cache, torch.tensor([P]), key_mask, P + 1, torch.rand(2, 1), 1.0, 1.0, 0)
+        counts.append(counter.count)
+    lm.layers = layers
+    return counts[0], (counts[0] - counts[1]) // (len(layers) - 1)
+
+
 @dataclass
 class RolloutConfig:
     model: str = model_lib.DEFAULT_MODEL_DIR  # the tiny model is built if missing
@@ -86,6 +117,10 @@ def bench_rollout(argv):
                        min_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, suppress_tokens=banned,
                        pad_token_id=processor.tokenizer.pad_token_id)
 
+    with torch.no_grad():
+        ops, per_layer = decode_ops(model, processor)
+    print(f"eager decode step: {ops} aten ops a token, {per_layer} per layer (each a kernel launch; the compiled "
+          f"step replays them as one CUDA graph on GPU)")
     sides = {"compiled": functools.partial(ours, compile=True), "eager": functools.partial(ours, compile=False),
              "hf": hf}
     shapes = {(B, n): rollout_prompts(processor, B) for B, n in ((16, 4), (1, 1))}
@@ -121,7 +156,8 @@ def bench_rollout(argv):
         print("  " + "  ".join(f"{key.replace('_', '/')} {value:.2f}x" for key, value in ratios.items()))
         summary.update({f"b{B}x{n}_{key}": f"{value:.2f}" for key, value in ratios.items()})
         summary.update({f"b{B}x{n}_{name}_tok_s": f"{tok_s[name]:.0f}" for name in sides})
-    print(f"bench=rollout new_tokens={args['new_tokens']} " + " ".join(f"{k}={v}" for k, v in summary.items())
+    print(f"bench=rollout new_tokens={args['new_tokens']} ops_per_layer={per_layer} "
+          + " ".join(f"{k}={v}" for k, v in summary.items())
           + f" ratio={summary['b16x4_compiled_hf']}")
 
 

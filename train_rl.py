@@ -209,10 +209,11 @@ class Prefetcher:
 
 def draw_batch(rows, sampler, n, prefetcher):
     """The sampler's next n rows with their encoded prompts [(row, item)], then the n after them sent ahead: the
-    sampler draws those next, for a refill or the next step (a copy of it tells which, so a checkpoint's sampler
-    state is what it would be without prefetching)."""
+    sampler draws those next, for a refill or the next step. A copy of the sampler tells which (shallow: drawing
+    rebinds its attributes, it mutates nothing), so a checkpoint's sampler state is that of a run without
+    prefetching."""
     batch = [(row, prefetcher(row)) for row in (rows[i] for i in sampler.next_batch(n))]
-    prefetcher.ahead([rows[i] for i in copy.deepcopy(sampler).next_batch(n)])
+    prefetcher.ahead([rows[i] for i in copy.copy(sampler).next_batch(n)])
     return batch
 
 
