@@ -254,12 +254,14 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
     uniforms of `sample`: one per unfinished row per step, in row order, so with the same seed
     generate(inputs, n=k) == generate(repeat_inputs(inputs, k), n=1).
     compile=True runs each decode step through `compiled_step` (same tokens, log-probs equal within float
-    rounding; tested); the first calls pay the compilation (tens of seconds on CPU).
+    rounding; tested); the first calls pay the compilation (`bench.py rollout` prints how long).
 
     KV cache growth rule (memory.py models it): the cache holds A rows x S slots per layer, K and V each
-    [A, kv_heads, S, head_dim], with A = bucket(unfinished rows) (<= bucket(B*n)) and S = bucket(P + t + 1) at
-    decode step t (P the padded prompt length): the next power of two of what is needed so far, never
-    B*n x (P + max_new_tokens) up front. It is reallocated when decoding reaches S (S doubles) or when the
+    [A, kv_heads, S, head_dim], with A = bucket(unfinished rows) (<= bucket(B*n)) and S = bucket(P + t + 2) at
+    decode step t (P the padded prompt length, P + t + 1 slots written): the next power of two above what is
+    needed so far, never B*n x (P + max_new_tokens) up front. One slot stays free so that attention over the
+    written slots (all but CUDA graphs) is never a slice as long as the cache, which torch.compile would
+    compile apart. The cache is reallocated when decoding reaches that free slot (S doubles) or when the
     unfinished rows fit half of A (finished rows are dropped); during that copy the old and new caches both
     live (old + new: 1.5x the new size when S doubles). Between reallocations finished rows stay in the batch
     and are computed and ignored (at most half the rows), which keeps every step's shapes fixed.
@@ -297,7 +299,7 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
         A = bucket(Bn)
         source = (torch.arange(A, device=device) // n).clamp(max=B - 1)  # [A] the prompt of each batch row
         cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [B, Hkv, P, D] each
-        cache, key_mask = resize_cache(cache, inputs["attention_mask"].bool(), source, bucket(P + 1), static)
+        cache, key_mask = resize_cache(cache, inputs["attention_mask"].bool(), source, bucket(P + 2), static)
         del out
         # padded prompt slots are never attended, but zero them so no stray NaN/inf there can leak in as 0 * x
         for keys, values in cache:
@@ -319,10 +321,10 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                 live = int((rows < Bn).sum())
             if t + 1 == max_new_tokens or live == 0:
                 break
-            if live <= A // 2 or P + t >= S:  # fewer rows fit a smaller bucket, or the cache is full
+            if live <= A // 2 or P + t + 1 >= S:  # fewer rows fit a smaller bucket, or the free slot is reached
                 order = torch.argsort((rows == Bn).int(), stable=True)  # [A] unfinished rows first, in order
                 keep = order[:bucket(live)]  # [A'] plus finished rows up to the bucket
-                cache, key_mask = resize_cache(cache, key_mask, keep, max(S, bucket(P + t + 1)), static)
+                cache, key_mask = resize_cache(cache, key_mask, keep, max(S, bucket(P + t + 2)), static)
                 tokens, positions, rows = tokens[keep], positions[:, keep], rows[keep]
                 A, S = len(keep), key_mask.shape[1]
             u = None
@@ -332,7 +334,7 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                     u = torch.zeros(A, 1, device=device).index_copy_(0, (rows < Bn).nonzero()[:, 0], u)  # [A, 1]
             if static:
                 torch.compiler.cudagraph_mark_step_begin()
-            length = S if compile else P + t + 1  # compiled: the whole bucket (fixed shapes); eager: what is filled
+            length = S if static else P + t + 1  # CUDA graphs: the whole bucket (fixed shapes); else the written
             tokens, logp = step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k)
             tokens, logp = tokens.clone(), logp.clone()  # CUDA graphs reuse their output buffers next step
             positions, slot = positions + 1, slot + 1

@@ -211,11 +211,34 @@ def test_cache_grows_with_what_is_generated(peaked, suite_dir, monkeypatch):
     assert lengths.max() <= 30 and lengths.min() < lengths.max()
     for i, length in enumerate(lengths.tolist()):
         assert torch.equal(out["response_ids"][i, :length], free["response_ids"][i, :length])
-    assert sizes[0] == (rollout.bucket(6), rollout.bucket(P + 1))  # 6 rows in a bucket of 8, the prompt + 1
+    assert sizes[0] == (rollout.bucket(6), rollout.bucket(P + 2))  # 6 rows in a bucket of 8, the prompt + 2
     assert all(rows & (rows - 1) == 0 and slots & (slots - 1) == 0 for rows, slots in sizes)  # powers of two
-    assert max(slots for _, slots in sizes) == rollout.bucket(P + int(lengths.max()) - 1)  # never P + 600
+    assert max(slots for _, slots in sizes) == rollout.bucket(P + int(lengths.max()))  # never P + 600
     assert [rows for rows, _ in sizes] == sorted((rows for rows, _ in sizes), reverse=True)  # rows only leave
     assert sizes[-1][0] < sizes[0][0]
+
+
+def test_decode_step_over_the_whole_bucket_equals_the_written_slots(peaked, suite_dir):
+    """The CUDA-graph step attends over the whole cache bucket (fixed shapes), the others over the written slots
+    only: the same logits and K/V written, on a cache with left padding and unwritten slots past the token
+    (garbage here, so a mask that let them through would show)."""
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    P = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = tiny_model(**inputs, position_ids=rollout.prompt_positions(tiny_model, inputs)[0], use_cache=True)
+        cache, key_mask = rollout.resize_cache([(layer.keys, layer.values) for layer in out.past_key_values.layers],
+                                               inputs["attention_mask"].bool(), torch.arange(3), P + 9, static=False)
+        for keys, values in cache:
+            keys[:, :, P:].normal_(), values[:, :, P:].normal_()  # slots P.. P+8 hold garbage
+        tokens, positions = torch.tensor([5, 6, 7]), torch.full((3, 3), P)
+        logits, written = [], []
+        for length in (P + 9, P + 1):  # the whole bucket, then the written slots (the prompt and this token)
+            copy = [(k.clone(), v.clone()) for k, v in cache]
+            logits.append(rollout.decode_step(tiny_model, tokens, positions, copy, torch.tensor([P]), key_mask, length))
+            written.append(copy)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(written[0], written[1], rtol=0, atol=1e-5)  # layer 1's input: float rounding
 
 
 def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch):
@@ -225,7 +248,7 @@ def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch):
     tiny_model, processor = peaked
     inputs = mixed_batch(suite_dir, processor)
     P = inputs["input_ids"].shape[1]
-    new_tokens = rollout.bucket(P + 1) - P + 8  # crosses the first cache bucket
+    new_tokens = rollout.bucket(P + 2) - P + 8  # crosses the first cache bucket
     free = rollout.generate(tiny_model, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=[])
     never = set(free["response_ids"][2].tolist())  # row 2 runs to the end, rows 0 and 1 stop early
     stop_ids = [next(token for token in free["response_ids"][row, step:].tolist() if token not in never)
