@@ -13,7 +13,8 @@ normalise advantages by a per-task EMA of the reward spread, and take PPO-clip s
 One step, top to bottom: sample prompts -> roll out group_size answers each (rollout.py) -> score (rewards.py)
 -> drop groups whose mean accuracy is ~0 or ~1 and refill (all three in `collect_groups`) -> advantages
 (ema_grpo.py, the task EMA shared by all ranks) -> old log-probs (when ppo_updates > 1) -> ppo_updates optimizer
-steps over mini-batches -> log -> checkpoint.
+steps over mini-batches -> log -> checkpoint. Meanwhile a background thread decodes the media of the prompts
+drawn next (`Prefetcher`), and the update reuses the rollout's model inputs; sec/data logs the wait for them.
 
 The release preset feeds the model what the release fed it: its prompt text (data.RELEASE_TEMPLATE) with the
 media where <image> / <video> stand in the problem, and EasyR1's media sizing (data.py).
