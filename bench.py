@@ -4,16 +4,21 @@ one-line key=value summary.
 
     python bench.py rollout [--model=runs/tiny-model] [--new_tokens=96] [--rounds=3]  # compiled, eager, HF
     python bench.py rewards [--per_type=300] [--rounds=5] [--seed=0]
+    python bench.py memory [--hidden=64] [--response_tokens=1024] [--seqs=8]  # memory.py's plan vs measured peaks
     python bench.py rollout --help                       # each benchmark's keys with their comments
 """
 import dataclasses
 import functools
+import gc
 import json
+import multiprocessing
+import os
 import random
 import re
 import statistics
 import sys
 import time
+import types
 from dataclasses import dataclass
 
 import math_verify
@@ -22,9 +27,12 @@ import torch
 from mathruler.grader import grade_answer
 from rouge_score import rouge_scorer
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
 import common
+import ema_grpo
+import memory
 import model as model_lib
 import rewards
 import rollout
@@ -367,7 +375,163 @@ def bench_rewards(argv):
     print("bench=rewards " + " ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-BENCHES = {"rollout": bench_rollout, "rewards": bench_rewards}
+# -----------------------------------------------------------------------------
+# memory: one RL update micro-batch measured on CPU against memory.py's plan for the same config
+
+
+@dataclass
+class MemoryConfig:
+    hidden: int = 64  # text hidden size of the measured Qwen3-VL; its vocabulary is the real 151,936
+    vision_hidden: int = 64  # its vision tower's hidden size
+    response_tokens: int = 1024  # every response's length (max_new_tokens of the plan's config)
+    seqs: int = 8  # sequences in the micro-batch: one prompt x 8 responses, the release's smallest
+    image_side: int = 256  # the prompt's image, pixels a side (256: 16 x 16 patches, 64 tokens after the merge)
+
+
+def memory_model_config(hidden, vision_hidden):
+    """Qwen3-VL-8B's layout (vocabulary, untied lm_head, rope, patch 16, merge 2, deepstack) at a small width."""
+    text = dict(memory.QWEN3_VL_8B["text_config"], hidden_size=hidden, intermediate_size=3 * hidden,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                rope_parameters=dict(rope_type="default", rope_theta=5000000.0,
+                                     mrope_section=[hidden // 16, hidden // 32, hidden // 32], mrope_interleaved=True))
+    vision = dict(memory.QWEN3_VL_8B["vision_config"], depth=2, hidden_size=vision_hidden,
+                  intermediate_size=3 * vision_hidden, num_heads=4,
+                  out_hidden_size=hidden, num_position_embeddings=256, deepstack_visual_indexes=[0])
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+
+
+def memory_train_config(args):
+    """The train_rl.Config fields the plan reads (nothing imports a trainer, so they are named here): the
+    release's update settings (one prompt's responses, gradient checkpointing, no shared prompt) in fp32 on CPU,
+    the media budget the bench's one image."""
+    return types.SimpleNamespace(micro_batch_seqs=args["seqs"], group_size=args["seqs"],
+                                 max_new_tokens=args["response_tokens"], share_prompt=False, grad_checkpointing=True,
+                                 bf16=False, param_dtype="fp32", prompts_per_step=1,
+                                 image_max_pixels=args["image_side"] ** 2, max_frames=2, video_max_pixels=32 * 32)
+
+
+def image_prompt(config, prompt_tokens, patches, gen):
+    """One left-padded prompt of exactly prompt_tokens tokens: text, then an image of `patches` patches (square
+    grid), then text; random pixels and token ids (no media ids among them)."""
+    v = config.vision_config
+    side = int(patches ** 0.5)
+    image_tokens = patches // v.spatial_merge_size ** 2
+    text = prompt_tokens - image_tokens - 2
+    ids = torch.randint(1000, 100000, (prompt_tokens,), generator=gen)  # [P]
+    start = text // 2
+    ids[start] = config.vision_start_token_id
+    ids[start + 1:start + 1 + image_tokens] = config.image_token_id
+    ids[start + 1 + image_tokens] = config.vision_end_token_id
+    types = (ids == config.image_token_id).long()  # [P]
+    return {"input_ids": ids[None], "attention_mask": torch.ones(1, prompt_tokens, dtype=torch.long),
+            "mm_token_type_ids": types[None],
+            "pixel_values": torch.randn(patches, 3 * v.temporal_patch_size * v.patch_size ** 2, generator=gen),
+            "image_grid_thw": torch.tensor([[1, side, side]])}
+
+
+def process_memory():
+    """(current, peak) resident bytes of this process (Linux /proc)."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the high-water mark of resident memory starts again from the current size
+
+
+def measure_update_step(args):
+    """In a fresh process (bench_memory starts it): build the model and AdamW, warm up with a short update (kernels
+    loaded, AdamW state allocated), then measure one micro-batch's forward + backward through the log-probs and
+    the PPO loss. Peaks are read from the kernel's high-water mark of resident memory, reset just before the step
+    and at the two boundaries of memory.update_phases (gradient hooks: the final hidden states' gradient is
+    complete after the logits chunks, the vision merger's after the decoder layers); malloc returns freed tensors
+    to the system at once (bench_memory sets MALLOC_MMAP_THRESHOLD_), so the mark follows the live tensors.
+    Returns {phase: peak bytes above the resident size before the step}, the resident tensors' bytes, seconds."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    config = memory_model_config(args["hidden"], args["vision_hidden"])
+    cfg = memory_train_config(args)
+    model = Qwen3VLForConditionalGeneration(config).train()
+    model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    prompt_tokens, patches = memory.longest_prompt(config, cfg)
+    inputs = image_prompt(config, prompt_tokens, patches, gen)
+
+    def update(T):
+        ids = torch.randint(1000, 100000, (cfg.micro_batch_seqs, T), generator=gen)  # [m, T]
+        mask = torch.ones_like(ids)  # [m, T]: every response runs to T
+        adv = torch.randn(cfg.micro_batch_seqs, generator=gen)  # [m]
+        logp = rollout.token_logprobs(model, inputs, ids, mask, [cfg.micro_batch_seqs], cfg.share_prompt)  # [m, T]
+        loss, _ = ema_grpo.ppo_loss(logp, logp.detach(), adv, mask, num_tokens=float(mask.sum()))
+        loss.backward()
+
+    update(16)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    peaks = {}
+
+    def end_of(phase, output):  # a forward hook that puts a gradient hook on `output(module's output)`
+        def on_gradient(grad):  # the phase's peak so far, then a new mark for the next phase
+            peaks[phase] = process_memory()[1] - before
+            reset_peak()
+
+        def on_forward(module, args, out):
+            output(out).register_hook(on_gradient)
+        return on_forward
+
+    # the model's output logits are the final hidden states in token_logprobs
+    model.register_forward_hook(end_of("backward through the logits", lambda out: out.logits))
+    model.model.visual.merger.register_forward_hook(end_of("backward through a decoder layer", lambda out: out))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    resident = weights + sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                             for t in state.values() if t.dim() > 0)
+    resident += sum(t.numel() * t.element_size() for t in inputs.values())
+    before, _ = process_memory()
+    reset_peak()
+    t0 = time.perf_counter()
+    update(cfg.max_new_tokens)
+    seconds = time.perf_counter() - t0
+    peaks["backward through a vision block"] = process_memory()[1] - before
+    return {"weights": weights, "resident": resident, "peaks": peaks, "seconds": seconds,
+            "prompt_tokens": prompt_tokens, "patches": patches}
+
+
+def bench_memory(argv):
+    args = dataclasses.asdict(common.parse_config(MemoryConfig, argv))
+    config, cfg = memory_model_config(args["hidden"], args["vision_hidden"]), memory_train_config(args)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 * 1024)  # inherited by the measuring process
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        measured = pool.apply(measure_update_step, (args,))
+    phases = memory.update_phases(cfg, config, gpus=1)
+    vocab = config.text_config.vocab_size
+    full_logits = cfg.micro_batch_seqs * cfg.max_new_tokens * vocab * 4  # one fp32 [sequences, T, vocab] tensor
+    n = memory.param_counts(config)
+    print(f"Qwen3-VL, text hidden {args['hidden']}, vocabulary {vocab}: {n['total'] / 1e6:.1f}M parameters; one "
+          f"update micro-batch of {cfg.micro_batch_seqs} sequences of {measured['prompt_tokens']}+{cfg.max_new_tokens} "
+          f"tokens ({measured['patches']} image patches each), fp32 on CPU, gradient checkpointing, "
+          f"{measured['seconds']:.1f} s")
+    print(f"plan (memory.update_phases, the formulas of train_rl.py --plan=true) against the measured peak of each "
+          f"phase ({measured['resident'] / 2**20:.0f} MiB of weights, AdamW state and inputs before the step + the "
+          f"step's rise):")
+    planned, measured_peak = {}, {}
+    for name, terms in phases.items():
+        planned[name] = memory.print_terms(name, terms)
+        measured_peak[name] = measured["resident"] + measured["peaks"][name]
+        print(f"    {'measured':<50} {measured_peak[name] / 2**30:7.2f} GiB  (ratio {measured_peak[name] / planned[name]:.2f})")
+    peak, plan_peak = max(measured_peak.values()), max(planned.values())
+    print(f"one fp32 [{cfg.micro_batch_seqs}, {cfg.max_new_tokens}, {vocab}] logits tensor: {full_logits / 2**30:.2f} GiB")
+    print(f"bench=memory hidden={args['hidden']} seqs={cfg.micro_batch_seqs} response_tokens={cfg.max_new_tokens} "
+          f"measured_mib={peak / 2**20:.0f} planned_mib={plan_peak / 2**20:.0f} plan_ratio={peak / plan_peak:.2f} "
+          f"logits_ratio={(peak - measured['weights']) / full_logits:.2f}")
+
+
+BENCHES = {"rollout": bench_rollout, "rewards": bench_rewards, "memory": bench_memory}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:

@@ -5,6 +5,9 @@ processor call that turns rows into model inputs, SFT label masks, and rank shar
 Everything that turns a row into tokens lives here so that SFT, RL and eval see the same prompt.
 
     python data.py --data=data/shapes/rl.json [--media_root=DIR] [--skip_bad_rows=true]  # validate, count rows
+
+Rows that pass this check can still fail when decoded in full at run time (a truncated file past its header):
+the trainers skip those as bad rows (BadRows, draw_rows) and name them.
 """
 import json
 import math
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
+from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 from transformers.video_utils import VideoMetadata
 
 import common
@@ -271,6 +275,15 @@ def read_json_rows(path):
     return rows
 
 
+def refuse_playlist(path):
+    """FFmpeg follows the file names inside a playlist (HLS, ffconcat, DASH) wherever they point: a media path
+    must name a video file, never a list of others. Raises ValueError naming the file."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith((b"#EXTM3U", b"ffconcat", b"<?xml", b"<MPD")):
+        raise ValueError(f"{path} is a playlist ({head[:16]!r}...), not a video file")
+
+
 def check_media_file(path, media_type):
     """Opens the file far enough to know it is an image / a video with a video stream (cheap: headers only)."""
     if media_type == "image":
@@ -281,6 +294,7 @@ def check_media_file(path, media_type):
             raise ValueError(f"corrupt image {path}: {e}") from None
     else:
         try:
+            refuse_playlist(path)
             with av.open(path) as container:
                 if not container.streams.video:
                     raise ValueError("no video stream")
@@ -288,7 +302,26 @@ def check_media_file(path, media_type):
             raise ValueError(f"corrupt video {path}: {e}") from None
 
 
-def normalise_row(row, index, path, media_root, check_media=True):
+def inside(path, root):
+    """Whether path lies under root, by its name (`..` resolved; symlinks inside root are the owner's choice)."""
+    root = os.path.normpath(os.path.abspath(root))
+    return os.path.normpath(os.path.abspath(path)).startswith(root + os.sep)
+
+
+def media_file(rel, media_type, media_root, check_media=True, allow_outside_root=False):
+    """A row's media path made absolute and checked: under media_root (unless allow_outside_root), present, and
+    (check_media) opening as an image / a video with a video stream. ValueError saying what is wrong."""
+    full = rel if os.path.isabs(rel) else os.path.join(media_root, rel)
+    if not allow_outside_root and not inside(full, media_root):
+        raise ValueError(f"{rel} leads out of media_root {media_root} (allow_media_outside_root=true allows it)")
+    if not os.path.isfile(full):
+        raise ValueError(f"missing file {full}")
+    if check_media:
+        check_media_file(full, media_type)
+    return os.path.abspath(full)
+
+
+def normalise_row(row, index, path, media_root, check_media=True, allow_outside_root=False):
     """Validate one raw row and return a copy with `kind`, `media`, `media_types`, `source` added.
 
     kind: "sft" (has messages), "eval" (has solution/path), "rl" (has answer).
@@ -299,6 +332,8 @@ def normalise_row(row, index, path, media_root, check_media=True):
     RL row does, and its prompt is built from the template (user_content).
     Placeholders: an RL (or such SFT) row's problem (and options) hold either no <image> / <video> of its media's
     kind or one per file (the release splits the prompt there); SFT user text likewise, of both kinds.
+    A media path that leads out of media_root (`..`, an absolute path elsewhere) is malformed unless
+    allow_outside_root.
     """
     where = f"{path}: row {index}"
 
@@ -393,22 +428,17 @@ def normalise_row(row, index, path, media_root, check_media=True):
     # media files exist (and open, unless told not to look inside)
     out["media"], out["media_types"] = [], []
     for field, media_type, rel in media:
-        full = rel if os.path.isabs(rel) else os.path.join(media_root, rel)
-        if not os.path.isfile(full):
-            bad(field, f"missing file {full}")
-        if check_media:
-            try:
-                check_media_file(full, media_type)
-            except ValueError as e:
-                bad(field, str(e))
-        out["media"].append(os.path.abspath(full))
+        try:
+            out["media"].append(media_file(rel, media_type, media_root, check_media, allow_outside_root))
+        except ValueError as e:
+            bad(field, str(e))
         out["media_types"].append(media_type)
     out["kind"] = kind
     out["source"] = where
     return out
 
 
-def load_rows(path, media_root=None, skip_bad_rows=False, check_media=True):
+def load_rows(path, media_root=None, skip_bad_rows=False, check_media=True, allow_outside_root=False):
     """Rows of a JSON list / JSONL file in any of the three released shapes, validated and normalised.
 
     media_root defaults to the file's directory. A bad row raises ValueError naming file, row, field, value (the
@@ -428,7 +458,8 @@ def load_rows(path, media_root=None, skip_bad_rows=False, check_media=True):
                disable=not check_media or rank != 0, dynamic_ncols=True)
     for index, row in enumerate(bar):
         try:
-            rows[index] = normalise_row(row, index, path, media_root, check_media and index % world_size == rank)
+            rows[index] = normalise_row(row, index, path, media_root, check_media and index % world_size == rank,
+                                        allow_outside_root)
         except ValueError as e:
             errors[index] = str(e)
     if check_media:  # every rank learns what the others found in their share
@@ -612,6 +643,7 @@ def load_video(path, fps=MediaConfig.fps, max_frames=MediaConfig.max_frames,
     resampled by FFmpeg (bicubic) while decoding; qwen-vl-utils resizes with torchvision (bicubic, antialiased):
     the same sizes, slightly different pixel values."""
     try:
+        refuse_playlist(path)
         with av.open(path) as container:
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
@@ -755,6 +787,48 @@ def encode_row(row, processor, media_cfg=None, templates=None, with_answer=False
     return out
 
 
+def prompt_length(row, processor, media_cfg=None, templates=None):
+    """The prompt's length in tokens as encode_row makes it, from the media files' headers, without decoding
+    them (eval.py balances ranks and sizes batches with it): the chat text, each image's placeholders at the size
+    load_image gives it (and the processor's resize after, for the release's sizings), and per frame pair of a
+    video its placeholders at load_video's size and frame count (likewise) plus its timestamp and vision
+    start/end tokens (one timestamp's length stands for all)."""
+    media_cfg = media_cfg or MediaConfig()
+    tokenizer = processor.tokenizer
+    length = len(tokenizer(prompt_text(row, processor, templates), add_special_tokens=False)["input_ids"])
+    for media_type, path in zip(row["media_types"], row["media"]):
+        length -= 1  # the one placeholder prompt_text writes for it
+        if media_type == "image":
+            config = processor.image_processor
+            with Image.open(path) as image:
+                height, width = image.height, image.width
+            if media_cfg.sizing == "easyr1":
+                h, w = scale_into(height, width, media_cfg.image_min_pixels, media_cfg.image_max_pixels)
+            else:
+                h, w = fit_size(height, width, media_cfg.image_min_pixels, media_cfg.image_max_pixels,
+                                fuzz=1e-6 if media_cfg.sizing == "fit" else 0.0)
+            patches = h * w // config.patch_size ** 2 if media_cfg.sizing == "fit" else \
+                config.get_number_of_image_patches(h, w, {})
+            length += patches // config.merge_size ** 2
+            continue
+        config = processor.video_processor
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate)
+            total = stream.frames or round(float(stream.duration * stream.time_base) * fps)
+            height, width = stream.height, stream.width
+        frames = len(frame_indices(total, fps, media_cfg.fps, media_cfg.max_frames, media_cfg.sizing))
+        h, w = frame_size(height, width, frames, media_cfg.video_min_pixels, media_cfg.video_max_pixels,
+                          media_cfg.sizing)
+        factor = config.patch_size * config.merge_size
+        if media_cfg.sizing != "fit":  # the processor's video resize (cap_pixels_per_frame=False, as encode_row)
+            h, w = video_smart_resize(frames, h, w, config.temporal_patch_size, factor, config.size["shortest_edge"],
+                                      config.size["longest_edge"])
+        stamp = len(tokenizer("<0.0 seconds><|vision_start|><|vision_end|>", add_special_tokens=False)["input_ids"])
+        length += frames // config.temporal_patch_size * (h * w // factor ** 2 + stamp)
+    return length
+
+
 def cutoff_lengths(prompt_len, answer_len, cutoff_len):
     """(prompt tokens kept, answer tokens kept) of an SFT row longer than cutoff_len, LLaMA-Factory's rule
     (infer_seqlen): an answer under half the budget is kept whole and the prompt cut to the rest; else a prompt
@@ -785,8 +859,7 @@ def collate(rows, processor, media_cfg=None, templates=None, with_answer=False, 
     """
     encoded = [encode_cached(row, processor, media_cfg, templates, with_answer, cache, cutoff_len) for row in rows]
     if stats is not None:
-        stats["truncated_rows"] = stats.get("truncated_rows", 0) + sum(e["cut"] > 0 for e in encoded)
-        stats["truncated_tokens"] = stats.get("truncated_tokens", 0) + sum(e["cut"] for e in encoded)
+        count_truncated(encoded, stats)
     return pad_batch(encoded, processor.tokenizer.pad_token_id, with_answer)
 
 
@@ -799,6 +872,12 @@ def encode_cached(row, processor, media_cfg=None, templates=None, with_answer=Fa
     if cache is not None:
         cache[key] = item
     return item
+
+
+def count_truncated(encoded, stats):
+    """Add the rows cut by cutoff_len (encode_row's "cut") and their tokens cut to stats, for a trainer's log."""
+    stats["truncated_rows"] = stats.get("truncated_rows", 0) + sum(e["cut"] > 0 for e in encoded)
+    stats["truncated_tokens"] = stats.get("truncated_tokens", 0) + sum(e["cut"] for e in encoded)
 
 
 def pad_batch(encoded, pad_id, with_answer=False):
@@ -830,14 +909,15 @@ def left_pad(sequences, length, value):
 # rank sharding with an exact resume position
 
 class ShardedSampler:
-    """Row indices for one rank, epoch after epoch, deterministic in (seed, epoch).
-
-    Each epoch is a permutation of all rows (identity when shuffle=False); rank r takes positions r, r + W,
-    r + 2W, ... of it, so across ranks every row comes exactly once per epoch. Nothing is padded or dropped:
-    shards differ by at most one row, and batches run on across the epoch boundary, so every rank still yields
-    a full batch every step. With strata (a label per row, e.g. data_type) the permutation interleaves the
-    strata evenly, so every stretch of a shard holds each stratum in its overall proportion (image/video mix).
-    state_dict() / load_state_dict() hold (epoch, position) for an exact resume.
+    """Row indices for one rank from one stream: the permutations of epochs 0, 1, 2, ... one after the other,
+    each deterministic in (seed, epoch) (identity when shuffle=False). Rank r takes stream positions
+    start + r, start + r + W, start + r + 2W, ...: across ranks every row comes exactly once per epoch, nothing is
+    padded or dropped, shards of an epoch differ by at most one row, and batches run on across epoch boundaries.
+    Over all ranks a step's rows are the next stream positions whatever the number of ranks, so a resume on another
+    number of ranks continues the same stream from `start` = the positions consumed by all ranks together
+    (checkpoint_state). With strata (a label per row, e.g. data_type) each permutation interleaves the strata
+    evenly, so every stretch of a shard holds each stratum in its overall proportion (image/video mix).
+    state_dict() / load_state_dict(): (start, drawn) for an exact resume on the same number of ranks.
     """
 
     def __init__(self, num_rows, rank=0, world_size=1, seed=0, shuffle=True, strata=None):
@@ -847,25 +927,43 @@ class ShardedSampler:
             raise ValueError(f"strata has {len(strata)} labels for {num_rows} rows")
         self.num_rows, self.rank, self.world_size = num_rows, rank, world_size
         self.seed, self.shuffle, self.strata = seed, shuffle, strata
-        self.epoch, self.position = 0, 0
+        self.start, self.drawn = 0, 0  # the stream position this sharding began at; rows this rank drew since
         self._order_epoch, self._order = None, None
 
+    def permutation(self, epoch):
+        """All rows in the order epoch `epoch` takes them (over all ranks)."""
+        if self._order_epoch != epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.strata is None:
+                order = rng.permutation(self.num_rows) if self.shuffle else np.arange(self.num_rows)
+            else:
+                labels = np.asarray(self.strata)
+                members, slots = [], []
+                for label in sorted(set(labels.tolist())):
+                    idx = np.flatnonzero(labels == label)
+                    idx = rng.permutation(idx) if self.shuffle else idx
+                    jitter = rng.random(len(idx)) if self.shuffle else np.full(len(idx), 0.5)
+                    members.append(idx)
+                    slots.append((np.arange(len(idx)) + jitter) / len(idx))  # evenly spread over [0, 1)
+                order = np.concatenate(members)[np.argsort(np.concatenate(slots), kind="stable")]
+            self._order_epoch, self._order = epoch, order.tolist()
+        return self._order
+
+    def _position(self, k):
+        """The stream position of this rank's k-th row since `start`."""
+        return self.start + self.rank + k * self.world_size
+
     def epoch_indices(self, epoch):
-        """This rank's row indices for an epoch, in order."""
-        rng = np.random.default_rng([self.seed, epoch])
-        if self.strata is None:
-            order = rng.permutation(self.num_rows) if self.shuffle else np.arange(self.num_rows)
-        else:
-            labels = np.asarray(self.strata)
-            members, slots = [], []
-            for label in sorted(set(labels.tolist())):
-                idx = np.flatnonzero(labels == label)
-                idx = rng.permutation(idx) if self.shuffle else idx
-                jitter = rng.random(len(idx)) if self.shuffle else np.full(len(idx), 0.5)
-                members.append(idx)
-                slots.append((np.arange(len(idx)) + jitter) / len(idx))  # evenly spread over [0, 1)
-            order = np.concatenate(members)[np.argsort(np.concatenate(slots), kind="stable")]
-        return order[self.rank::self.world_size].tolist()
+        """This rank's row indices in an epoch, in order (from `start` on)."""
+        first = max(epoch * self.num_rows, self._position(0))
+        first += (self._position(0) - first) % self.world_size  # the next position of this rank's residue
+        return [self.permutation(epoch)[p - epoch * self.num_rows]
+                for p in range(first, (epoch + 1) * self.num_rows, self.world_size)]
+
+    @property
+    def epoch(self):
+        """The epoch of the next row this rank draws."""
+        return self._position(self.drawn) // self.num_rows
 
     def __len__(self):
         return len(range(self.rank, self.num_rows, self.world_size))
@@ -874,26 +972,105 @@ class ShardedSampler:
         return self
 
     def __next__(self):
-        if self._order_epoch != self.epoch:
-            self._order_epoch, self._order = self.epoch, self.epoch_indices(self.epoch)
-        if self.position >= len(self._order):
-            self.epoch, self.position = self.epoch + 1, 0
-            return next(self)
-        self.position += 1
-        return self._order[self.position - 1]
+        epoch, i = divmod(self._position(self.drawn), self.num_rows)
+        self.drawn += 1
+        return self.permutation(epoch)[i]
 
     def next_batch(self, batch_size):
         return [next(self) for _ in range(batch_size)]
 
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": self.num_rows,
+        return {"start": self.start, "drawn": self.drawn, "seed": self.seed, "num_rows": self.num_rows,
                 "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state):
-        for key in ("seed", "num_rows", "rank", "world_size"):
+        for key in ("seed", "num_rows"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        if (state["rank"], state["world_size"]) == (self.rank, self.world_size):
+            self.start, self.drawn = state["start"], state["drawn"]
+        elif "global" in state:  # another number of ranks: go on from where all ranks together stopped
+            self.start, self.drawn = state["global"]["consumed"], 0
+        else:
+            raise ValueError(f"sampler state of rank {state['rank']} with world_size={state['world_size']} has no "
+                             f"rank-independent position; this sampler is rank {self.rank} of {self.world_size}")
+
+
+def checkpoint_state(state, bad_rows):
+    """A trainer's checkpoint extra from its local `state` (collective): its "sampler" state_dict gains "global"
+    {consumed}, the stream positions consumed over all ranks (rank-independent: a resume on another number of
+    ranks starts there), and "bad_rows" holds the bad rows found so far. Ranks that drew different numbers of rows
+    (bad rows replaced) resume from the one furthest behind: no row is skipped, a few may come twice."""
+    sampler = state["sampler"]
+    drawn = min(s["drawn"] for s in common.all_gather_list([sampler]))
+    consumed = sampler["start"] + drawn * sampler["world_size"]
+    return {**state, "sampler": {**sampler, "global": {"consumed": consumed}}, "bad_rows": dict(bad_rows.errors)}
+
+
+# -----------------------------------------------------------------------------
+# rows that fail at run time: named, counted, skipped and replaced from the sampler
+
+def check_length(row, item, context, new_tokens=0):
+    """A row whose tokens (encode_row's item) plus new_tokens to generate exceed the model context is a bad row:
+    ValueError naming it (the check rollout.generate would otherwise make for "row 0" of a batch)."""
+    n = len(item["ids"])
+    if n + new_tokens > context:
+        raise ValueError(f"{row['source']}: {n} tokens" + (f" + {new_tokens} to generate" if new_tokens else "")
+                         + f" exceed the model context (max_position_embeddings={context})")
+    return item
+
+
+class BadRows:
+    """Rows that fail where they are encoded at run time (media that passed load_rows's header check but do not
+    decode, a prompt longer than the context). Each is named by its error (file, row, why) and counted once per
+    run; the trainers skip it and draw a replacement. budget: how many a run may skip before it stops with the
+    list (None: any number, --skip_bad_rows=true). `errors` goes into checkpoints, so a resumed run passes over
+    known bad rows without decoding them again."""
+
+    def __init__(self, budget=None):
+        self.budget = budget
+        self.errors = {}  # source -> message, every rank's (merged by report)
+        self.new = []  # (source, message) recorded on this rank since the last report
+
+    def record(self, row, error):
+        if row["source"] not in self.errors:
+            self.errors[row["source"]] = str(error)
+            self.new.append((row["source"], str(error)))
+
+    def report(self):
+        """Collective, once a step: every rank's rows recorded since the last call (the same list on every rank,
+        printed by rank 0), merged into every rank's `errors`. Past the budget every rank raises with the list."""
+        new = common.all_gather_list(self.new)
+        self.new = []
+        self.errors.update(new)
+        if new and common.is_rank0():
+            print("bad rows skipped and replaced:\n  " + "\n  ".join(message for _, message in new), flush=True)
+        if self.budget is not None and len(self.errors) > self.budget:
+            raise RuntimeError(f"{len(self.errors)} rows failed at run time, more than max_bad_rows={self.budget} "
+                               f"(--skip_bad_rows=true skips any number):\n  " + "\n  ".join(self.errors.values()))
+        return [message for _, message in new]
+
+
+def draw_rows(rows, sampler, n, encode, bad_rows):
+    """n (row, encode(row)) pairs from the sampler. A row whose encode raises ValueError (the error names it) is
+    recorded in bad_rows and replaced by the sampler's next row, so a batch keeps its size; a row known to be bad
+    is passed over without being decoded again. Works the same inline or in a prefetch thread that owns the
+    sampler; bad_rows.report, a collective, stays on the main thread."""
+    out, failed_in_a_row = [], 0
+    while len(out) < n:
+        row = rows[next(sampler)]
+        if row["source"] not in bad_rows.errors:
+            try:
+                out.append((row, encode(row)))
+                failed_in_a_row = 0
+                continue
+            except ValueError as e:
+                bad_rows.record(row, e)
+        failed_in_a_row += 1
+        if failed_in_a_row > sampler.num_rows:
+            raise RuntimeError(f"the last {sampler.num_rows} rows this rank drew all failed, e.g. "
+                               f"{next(reversed(bad_rows.errors.values()))}")
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -905,11 +1082,12 @@ class Config:
     data: str = "data/shapes/rl.json"  # a JSON list or JSONL file in any of the three released shapes
     media_root: str | None = None  # folder the media paths are relative to; None: the data file's folder
     skip_bad_rows: bool = False  # count and drop malformed rows instead of stopping at the first
+    allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute)
 
 
-def check_file(path, media_root=None, skip_bad_rows=False):
+def check_file(path, media_root=None, skip_bad_rows=False, allow_outside_root=False):
     """Validate a file and print its row counts per kind / problem_type / data_type."""
-    rows = load_rows(path, media_root=media_root, skip_bad_rows=skip_bad_rows)
+    rows = load_rows(path, media_root=media_root, skip_bad_rows=skip_bad_rows, allow_outside_root=allow_outside_root)
     counts = Counter((row["kind"], row["problem_type"], row["data_type"]) for row in rows)
     print(f"{path}: {len(rows)} rows, {sum(len(row['media']) for row in rows)} media files")
     for (kind, problem_type, data_type), n in sorted(counts.items(), key=lambda kv: tuple(map(str, kv[0]))):
@@ -919,4 +1097,4 @@ def check_file(path, media_root=None, skip_bad_rows=False):
 
 if __name__ == "__main__":
     cfg = common.parse_config(Config, sys.argv[1:])
-    check_file(cfg.data, cfg.media_root, cfg.skip_bad_rows)
+    check_file(cfg.data, cfg.media_root, cfg.skip_bad_rows, cfg.allow_media_outside_root)

@@ -62,8 +62,9 @@ PY = sys.executable
 # at 1.0 the samples score far below the greedy answer (segmentation 0.10 against 0.23) and RL raised the sampled
 # reward on every task while greedy accuracy fell on 4 of 6; at 0.7 greedy accuracy rose on all dense tasks.
 # The update's log-probs stay those of temperature 1 (rollout.py): it sharpens the policy toward the better samples.
-RL_ARGS = ["--prompts_per_step=16", "--group_size=8", "--micro_batch_prompts=8", "--freeze_vision=true",
-           "--max_refill_tries=2", "--temperature=0.7"]
+RL_ARGS = ["--prompts_per_step=16", "--group_size=8", "--micro_batch_seqs=64", "--freeze_vision=true",
+           "--max_refill_tries=2", "--temperature=0.7",
+           "--resume=true"]  # a stage cut short (its out_dir holds a partial run) continues where it stopped
 
 
 def run(cmd, done_marker=None):
@@ -178,7 +179,7 @@ def main(argv):
     # --- SFT, then evaluation
     run([PY, "train_sft.py", f"--model={model_dir}", f"--data={data_dir}/sft.json", f"--out_dir={sft_dir}",
          f"--max_steps={cfg.sft_steps}", "--batch_size=16", "--val_every=100", "--save_every=250",
-         f"--seed={cfg.seed}"], os.path.join(sft_dir, "hf", "config.json"))
+         f"--seed={cfg.seed}", "--resume=true"], os.path.join(sft_dir, "hf", "config.json"))
     sft_metrics = eval_stage(os.path.join(sft_dir, "hf"), os.path.join(cfg.out, "eval-sft"), eval_file, cfg)
 
     # --- RL (EMA-GRPO), then evaluation

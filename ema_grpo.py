@@ -168,6 +168,9 @@ def ppo_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.3, dual
     return loss, metrics
 
 
+KL_KINDS = ("low_var_kl", "k1")
+
+
 def kl_penalty(logp, ref_logp, kind="low_var_kl"):
     """Per-token KL estimate of the policy from a frozen reference, [N, T]; samples come from the policy.
 
@@ -181,4 +184,4 @@ def kl_penalty(logp, ref_logp, kind="low_var_kl"):
     if kind == "low_var_kl":
         log_ratio = (ref_logp - logp).clamp(-20.0, 20.0)  # [N, T]
         return (log_ratio.exp() - log_ratio - 1).clamp(max=10.0)
-    raise ValueError(f"ema_grpo.kl_penalty: kind must be 'k1' or 'low_var_kl', got {kind!r}")
+    raise ValueError(f"ema_grpo.kl_penalty: kind must be one of {KL_KINDS}, got {kind!r}")

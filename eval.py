@@ -6,11 +6,14 @@ write per-row outputs and a metrics JSON, print a metric table.
     python eval.py --model=runs/tiny-model --data=data/shapes/eval.json
     python eval.py --preset=release --model=/ckpt/OneThinker-8B --data=a.json,b.json --media_root=/data/eval \
         --sam2_checkpoint=/ckpt/sam2.1_hiera_tiny.pt
-    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows sharded over ranks
+    torchrun --nproc_per_node=8 eval.py --preset=release --model=... --data=...    # rows shared out by tokens
+    python eval.py --preset=release --plan=true                      # its per-GPU memory plan (memory.py)
 
-Greedy decoding (SPEC 7). For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per finished row
-(response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun skips the rows
-already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
+Greedy decoding (SPEC 7). Each rank gets an equal share of the file's tokens (prompt lengths read from the media
+headers, `assign_rows`), in batches of similar lengths capped by batch_tokens (`token_batches`), so no rank waits
+long at the end-of-file barrier. For each data file `<out_dir>/<stem>/rank<r>.jsonl` holds one record per
+finished row (response, finish reason, metric parts) and `<out_dir>/<stem>.metrics.json` the metrics. A rerun
+skips the rows already recorded, so an interrupted evaluation resumes where it stopped and gives the same metrics.
 
 The release preset feeds the model what the release's Evaluation/Eval/eval_bench.py fed it: the media first, then
 its prompt text (data.RELEASE_TEMPLATE), media sized by qwen-vl-utils' rules and the processor (data.py), and
@@ -27,7 +30,8 @@ J, F, J&F for videos (DAVIS 2017 definitions; --mask_variant=release for the rel
 
 Segmentation answers are a box and points (and a keyframe for video); SAM2.1 Hiera-T turns them into masks.
 Without --sam2_checkpoint SAM2 has random weights: the plumbing runs, the masks mean nothing, and the table says
-so. Failed parses, missing media and SAM2 errors score 0 and are counted; no row leaves an average.
+so. Failed parses, missing or undecodable media, prompts too long for the context and SAM2 errors score 0 and are
+counted (the record's "error" names why); no row leaves an average.
 
 Where the scores differ from eval_bench's on purpose (README, "What differs from the release"):
 - its box IoU crashes on every valid pair (spatial grounding, spatial-temporal grounding, tracking): fixed here;
@@ -56,6 +60,7 @@ from tqdm import tqdm
 
 import common
 import data
+import memory
 import rewards
 import rollout
 import model as model_lib
@@ -69,13 +74,16 @@ class Config:
     data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
     media_root: str | None = None  # folder the rows' media paths are relative to; None: each data file's folder
     check_media: bool = True  # open every media file's header before generating (false: only that it exists)
+    allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
     out_dir: str | None = None  # None: runs/eval/<model folder name>
     batch_size: int = 16
+    batch_tokens: int = 0  # cap on a batch's KV cache in token slots (memory.kv_cache_slots); 0: batch_size alone
     max_new_tokens: int = 512
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; same tokens); false: the eager loop
     prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
     limit: int = 0  # evaluate the first N rows of each file; 0 = all
-    bf16: bool = False  # bf16 weights (on GPU); fp32 otherwise
+    bf16: bool = True  # bf16 weights on GPU (flash-attn needs them); CPU always runs fp32
+    dist_timeout_min: float = 60.0  # minutes a rank waits at a collective for the slowest one before the job dies
     sam2: bool = True  # false: no masks; segmentation is then reported by the training reward's accuracy alone
     sam2_checkpoint: str | None = None  # None: random weights, plumbing only
     sam2_image_size: int | None = None  # None: 1024 with a checkpoint (SAM2's own), 512 with random weights
@@ -85,13 +93,18 @@ class Config:
     sizing: str = EVAL_MEDIA.sizing
     image_min_pixels: int = EVAL_MEDIA.image_min_pixels
     video_min_pixels: int = EVAL_MEDIA.video_min_pixels
+    plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B (memory.py) and exit
 
 
 # the release's eval settings (and our decode step compiled); its media minimums are qwen-vl-utils' defaults
-# (eval_bench passes none): 4 merged tokens an image, 128 a video frame
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, bf16=True, compile=True, prompt_template="release",
+# (eval_bench passes none): 4 merged tokens an image, 128 a video frame. batch_tokens sized by memory.py for 80 GB
+# (`--preset=release --plan=true`): 4 rows of the longest video prompt per batch (8 fit 141 GB: --batch_tokens=262144)
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072, compile=True,
+                           prompt_template="release",
                            sizing="qwen_vl_utils", image_min_pixels=4 * 32 * 32, video_min_pixels=128 * 32 * 32)}
-FAILURES = ("parse_failed", "media_missing", "sam2_failed")  # counted per task, each scores 0
+# counted per task, each scores 0: no parsable answer; media missing or not decodable; the prompt leaves no room
+# for max_new_tokens in the model context; SAM2 raised
+FAILURES = ("parse_failed", "media_missing", "too_long", "sam2_failed")
 RECALL_THRESHOLDS = (0.3, 0.5, 0.7)
 RANDOM_SAM2_NOTE = "SAM2 has random weights: plumbing only, masks are meaningless"
 
@@ -518,7 +531,7 @@ def mean(xs):
 
 def summarise(key, parts):
     """One task's metrics from its rows' parts; the failure counts ride along."""
-    out = {"rows": len(parts), **{flag: sum(bool(p[flag]) for p in parts) for flag in FAILURES}}
+    out = {"rows": len(parts), **{flag: sum(bool(p.get(flag)) for p in parts) for flag in FAILURES}}
     if all("reward" in p for p in parts):  # records written by eval.py; compute_metrics' parts have none
         out["reward"] = mean([p["reward"] for p in parts])
         out["format_rate"] = mean([p["format"] for p in parts])
@@ -561,7 +574,7 @@ def aggregate(rows, parts):
     by_task = defaultdict(list)
     for row, p in zip(rows, parts):
         by_task[task_key(row["problem_type"], row.get("data_type", "image"))].append(p)
-    metrics = {"all": {"rows": len(parts), **{flag: sum(bool(p[flag]) for p in parts) for flag in FAILURES}}}
+    metrics = {"all": {"rows": len(parts), **{flag: sum(bool(p.get(flag)) for p in parts) for flag in FAILURES}}}
     for key in sorted(by_task):
         metrics[key] = summarise(key, by_task[key])
     return metrics
@@ -589,7 +602,7 @@ def compute_metrics(rows, predictions, media_root=".", sam2=None, variant="davis
 
 def format_table(metrics_by_file):
     """{file: metrics} -> a printable table: one line per (file, task) with its metrics and failure counts."""
-    lines = [f"{'file':<24} {'task':<28} {'rows':>5}  {'metrics':<64} failed (parse/media/sam2)"]
+    lines = [f"{'file':<24} {'task':<28} {'rows':>5}  {'metrics':<64} failed (parse/media/too long/sam2)"]
     notes = set()
     for name, metrics in metrics_by_file.items():
         for key, values in metrics.items():
@@ -631,7 +644,7 @@ def end_with_newline(path):
                 f.write(b"\n")
 
 
-def load_eval_rows(path, media_root, check_media=True):
+def load_eval_rows(path, media_root, check_media=True, allow_outside_root=False):
     """data.load_rows's validation, except that a row with a missing media file is kept and marked
     `media_missing` (SPEC 7: it scores 0 and is counted, never dropped)."""
     rows = []
@@ -642,28 +655,82 @@ def load_eval_rows(path, media_root, check_media=True):
         if files and not all(os.path.isfile(f) for f in files):
             rows.append({**raw, "media_missing": True})
         else:
-            rows.append(data.normalise_row(raw, index, path, media_root, check_media))
+            rows.append(data.normalise_row(raw, index, path, media_root, check_media, allow_outside_root))
     return rows
 
 
+def assign_rows(costs, rank, world_size):
+    """This rank's share of the rows {index: tokens}: rows dealt most tokens first, each to the rank holding the
+    fewest tokens so far (greedy longest-processing-time), so the ranks reach the end-of-file barrier at about the
+    same time; dealing rows round-robin would give one rank all the long videos of a file sorted by length.
+    Returns the rank's indices, most tokens first (similar lengths share a batch and its padding)."""
+    loads, mine = [0] * world_size, []
+    for i in sorted(costs, key=lambda i: (-costs[i], i)):
+        least = min(range(world_size), key=lambda r: (loads[r], r))
+        loads[least] += costs[i]
+        if least == rank:
+            mine.append(i)
+    return mine
+
+
+def token_batches(order, lengths, batch_size, batch_tokens, max_new_tokens):
+    """order (longest prompt first) cut into batches of at most batch_size rows whose KV cache can grow to at most
+    batch_tokens token slots: memory.kv_cache_slots of the generated rows, the batch's longest prompt (left padding
+    pads the others to it) and max_new_tokens (0: no cap; a row over the cap goes alone). lengths[i]: prompt
+    tokens, None for a row not generated (media missing)."""
+    batches, batch = [], []
+    for i in order:
+        rows = [j for j in batch + [i] if lengths[j] is not None]
+        slots = memory.kv_cache_slots(len(rows), max([lengths[j] for j in rows], default=0), max_new_tokens)
+        if batch and (len(batch) == batch_size or (batch_tokens and rows and slots > batch_tokens)):
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    return batches + [batch] if batch else batches
+
+
 def generate_batch(model, processor, rows, cfg, templates, device):
-    """Greedy responses for rows whose media exist: (texts, finish reasons)."""
-    inputs = {k: v.to(device) for k, v in data.collate(rows, processor, data.media_config(cfg, EVAL_MEDIA), templates).items()}
-    out = rollout.generate(model, inputs, n=1, max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0,
-                           top_k=0, generator=None, eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer),
+    """Greedy responses for rows whose media exist: one {"response", "finish_reason"} per row. A row that cannot
+    be encoded is not generated: {"failed": "media_missing" (media that do not decode) or "too_long" (a prompt
+    leaving no room for max_new_tokens in the context), "error": the message naming its file and row}."""
+    context = model.config.text_config.max_position_embeddings
+    media_cfg = data.media_config(cfg, EVAL_MEDIA)
+    results, items = [None] * len(rows), {}
+    for i, row in enumerate(rows):
+        try:
+            item = data.encode_cached(row, processor, media_cfg, templates)
+        except ValueError as e:
+            results[i] = {"response": "", "finish_reason": "not generated", "failed": "media_missing", "error": str(e)}
+            continue
+        try:
+            items[i] = data.check_length(row, item, context, cfg.max_new_tokens)
+        except ValueError as e:
+            results[i] = {"response": "", "finish_reason": "not generated", "failed": "too_long", "error": str(e)}
+    for result in results:
+        if result is not None:
+            print(f"not generated, scored 0: {result['error']}", flush=True)
+    if not items:
+        return results
+    inputs = data.pad_batch(list(items.values()), processor.tokenizer.pad_token_id)
+    out = rollout.generate(model, {k: v.to(device) for k, v in inputs.items()}, n=1,
+                           max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, generator=None,
+                           eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer),
                            compile=cfg.compile)
     ids, mask = out["response_ids"].cpu(), out["response_mask"].cpu().bool()  # [B, T]
-    texts = [processor.tokenizer.decode(ids[i][mask[i]], skip_special_tokens=True) for i in range(len(rows))]
-    return texts, out["finish_reasons"]
+    for j, i in enumerate(items):
+        results[i] = {"response": processor.tokenizer.decode(ids[j][mask[j]], skip_special_tokens=True),
+                      "finish_reason": out["finish_reasons"][j]}
+    return results
 
 
 def score_record(cfg, row, index, generated, media_root, sam2_cache, device):
-    """The record of one row: its response (generated: (text, finish reason), or None when its media are
+    """The record of one row: its response (generated: generate_batch's result, or None when its media are
     missing), the metric parts (SPEC 7) and the training reward's parts (SPEC 4, so eval shows what RL optimised;
     a row never generated scores 0)."""
-    response, finish_reason = generated or ("", "media_missing")
-    if generated is None:
-        parts = failed_parts(row, "media_missing")
+    generated = generated or {"response": "", "finish_reason": "media_missing", "failed": "media_missing"}
+    response, finish_reason = generated["response"], generated["finish_reason"]
+    if generated.get("failed"):
+        parts = failed_parts(row, generated["failed"])
     elif row["problem_type"] == "segmentation" and not cfg.sam2:
         parts = dict.fromkeys(FAILURES, False)
     else:
@@ -671,12 +738,13 @@ def score_record(cfg, row, index, generated, media_root, sam2_cache, device):
             sam2_cache["sam2"] = build_sam2(cfg.sam2_checkpoint, cfg.sam2_image_size, device)
         parts = score_row(row, response, media_root, sam2_cache.get("sam2"), cfg.mask_variant)
     reward = rewards.score(response, solution_text(row), row["problem_type"],
-                           row.get("data_type") or "image")[1] if generated else {}
+                           row.get("data_type") or "image")[1] if not generated.get("failed") else {}
     parts.update(reward=reward.get("overall", 0.0), format=reward.get("format", 0.0),
                  reward_accuracy=reward.get("accuracy", 0.0))
     return {"index": index, "problem_id": row.get("problem_id"), "problem_type": row["problem_type"],
             "data_type": row.get("data_type", "image"), "response": response, "finish_reason": finish_reason,
-            "parts": parts, "mask_variant": cfg.mask_variant, "sam2_checkpoint": cfg.sam2_checkpoint}
+            "parts": parts, "mask_variant": cfg.mask_variant, "sam2_checkpoint": cfg.sam2_checkpoint,
+            **({"error": generated["error"]} if "error" in generated else {})}
 
 
 def output_dir(cfg):
@@ -686,7 +754,7 @@ def output_dir(cfg):
 def evaluate_file(cfg, path, model, processor, templates, rank, world_size, device, sam2_cache):
     """Generate and score this rank's unfinished rows of one eval file; rank 0 returns the file's metrics."""
     media_root = cfg.media_root or os.path.dirname(os.path.abspath(path))
-    rows = load_eval_rows(path, media_root, cfg.check_media)
+    rows = load_eval_rows(path, media_root, cfg.check_media, cfg.allow_media_outside_root)
     rows = rows[:cfg.limit] if cfg.limit else rows
     folder = os.path.join(output_dir(cfg), os.path.splitext(os.path.basename(path))[0])
     done = read_records(folder)
@@ -696,19 +764,21 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
                              f"{record['mask_variant']!r}, sam2_checkpoint={record['sam2_checkpoint']!r}; "
                              f"this run has {cfg.mask_variant!r}, {cfg.sam2_checkpoint!r}: use another out_dir")
     common.barrier()  # every rank has read the finished set before any rank appends to it
-    todo = [i for i in range(len(rows)) if i not in done][rank::world_size]
+    media_cfg = data.media_config(cfg, EVAL_MEDIA)
+    lengths = {i: None if rows[i].get("media_missing") else data.prompt_length(rows[i], processor, media_cfg, templates)
+               for i in range(len(rows)) if i not in done}  # every rank computes all: the same assignment
+    todo = assign_rows({i: 0 if n is None else n + cfg.max_new_tokens for i, n in lengths.items()}, rank, world_size)
     os.makedirs(folder, exist_ok=True)
     shard = os.path.join(folder, f"rank{rank}.jsonl")
     end_with_newline(shard)
 
     with open(shard, "a") as out, \
             tqdm(total=len(todo), desc=os.path.basename(path), disable=rank != 0) as bar:
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+        for batch in token_batches(todo, lengths, cfg.batch_size, cfg.batch_tokens, cfg.max_new_tokens):
             have_media = [i for i in batch if not rows[i].get("media_missing")]
-            texts, reasons = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
-                if have_media else ([], [])
-            generated = {i: (text, reason) for i, text, reason in zip(have_media, texts, reasons)}
+            results = generate_batch(model, processor, [rows[i] for i in have_media], cfg, templates, device) \
+                if have_media else []
+            generated = dict(zip(have_media, results))
             for i in batch:
                 record = score_record(cfg, rows[i], i, generated.get(i), media_root, sam2_cache, device)
                 out.write(json.dumps(record) + "\n")
@@ -731,12 +801,13 @@ def evaluate_file(cfg, path, model, processor, templates, rank, world_size, devi
 
 
 def main(argv):
-    cfg = common.parse_config(Config, argv, PRESETS)
-    if cfg.mask_variant not in MASK_VARIANTS:
-        raise ValueError(f"--mask_variant must be one of {MASK_VARIANTS}, got {cfg.mask_variant!r}")
-    rank, world_size, _, device = common.init_distributed()
+    cfg = common.parse_config(Config, argv, PRESETS, {"mask_variant": MASK_VARIANTS, "sizing": data.SIZINGS})
+    if cfg.plan:
+        memory.print_eval_plan(cfg, data.media_config(cfg, EVAL_MEDIA))
+        return
+    rank, world_size, _, device = common.init_distributed(cfg.dist_timeout_min)
     model, processor = model_lib.load_model(model_lib.ensure_model(cfg.model), str(device),
-                                            torch.bfloat16 if cfg.bf16 else torch.float32)
+                                            torch.bfloat16 if cfg.bf16 and device.type == "cuda" else torch.float32)
     model.eval()
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     metrics_by_file, sam2_cache = {}, {}

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForImageTextToText, AutoProcessor, PreTrainedTokenizerFast, Qwen3VLConfig,
-                          Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig,
+                          PreTrainedTokenizerFast, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor)
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
@@ -196,20 +196,41 @@ def freeze_vision(model):
             param.requires_grad_(False)
 
 
-def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None):
-    """(model, processor) from a local directory; flash-attn when installed on GPU, else sdpa."""
+def load_model(path, device="cpu", dtype=torch.float32, attn_implementation=None, weights=True):
+    """(model, processor) from a local directory, the model on `device` in `dtype`.
+
+    Attention: flash-attn when it is installed, the device is a GPU and the weights are bf16 or fp16 (flash-attn
+    refuses fp32 inputs), else sdpa. weights=False: the architecture on the meta device, no weights read (FSDP
+    ranks build this; common.shard_model fills it from rank 0's loaded copy).
+    """
     if attn_implementation is None:
         attn_implementation = "sdpa"
-        if device != "cpu" and torch.cuda.is_available():
+        if device != "cpu" and torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
             try:
                 import flash_attn  # noqa: F401  (optional dependency)
                 attn_implementation = "flash_attention_2"
             except ImportError:
                 pass
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     processor = AutoProcessor.from_pretrained(path)
     processor.tokenizer.padding_side = "left"
+    if not weights:
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype,
+                                                            attn_implementation=attn_implementation)
+        if os.path.isfile(os.path.join(path, "generation_config.json")):  # stop_token_ids reads its EOS ids
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        return model, processor
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device), processor
+
+
+def load_model_to_shard(path, device, dtype, rank, world_size):
+    """(model, full_model, processor) for common.shard_model(model, ..., full_model=full_model). One process: the
+    loaded model and None. Under torchrun: every rank's model is built on the meta device, and rank 0 alone also
+    loads the weights (full_model), which shard_model broadcasts into every rank's shards."""
+    model, processor = load_model(path, device, dtype, weights=world_size == 1)
+    full_model = load_model(path, device, dtype)[0] if world_size > 1 and rank == 0 else None
+    return model, full_model, processor
 
 
 @dataclass

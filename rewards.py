@@ -13,8 +13,9 @@ adversarial text: 2^(9^(9^9)) is a C-level big-integer power that no signal inte
 Python process per process (started on first use, shared by all threads under a lock), which is killed and
 restarted when an item overruns `math_timeout`; that item scores 0, so an item costs at most the timeout plus
 a restart. Pipes and poll need neither signals nor the main thread, so this works from any thread, and the
-child caps its own CPU time per request so that it cannot outlive a dead parent by more than the bound. Cheap
-exact fast paths and a cache come first.
+child caps its own CPU time per request so that it cannot outlive a dead parent by more than the bound. It runs
+in its own session, so a signal to the trainer's process group (a preemption) does not reach it. compute_score's
+math_batch_timeout bounds a whole batch's symbolic time. Cheap exact fast paths and a cache come first.
 
 Speed: `python bench.py rewards`. Tests: tests/test_rewards.py, tests/test_reward_server.py.
 """
@@ -42,8 +43,9 @@ from nltk.stem import porter
 MATH_TIMEOUT_S = 5.0  # per symbolic check; math-verify's own per-operation default
 POLAR_MODEL = "internlm/POLAR-7B"
 
-# Events that training logs (and clears) with pop_counters(): reward-model batches and fallbacks, symbolic
-# checks that timed out or crashed their worker.
+# Events that training logs (and clears) with pop_counters(): reward-model batches, failures, retries and
+# fallbacks (rm_*), symbolic checks that timed out or crashed their worker, or were skipped once the batch's
+# time was spent (symbolic_*).
 COUNTERS = collections.Counter()
 
 
@@ -297,7 +299,7 @@ def math_accuracy(pred, gt, timeout=MATH_TIMEOUT_S):
     if (len(pred) <= 16 and len(gt) <= 16 and _PLAIN_NUMBER.fullmatch(pred) and _PLAIN_NUMBER.fullmatch(gt)
             and float(pred) == float(gt)):
         return 1.0
-    return float(symbolic_equal("math", pred, gt, timeout))
+    return float(_symbolic_within(timeout, "math", pred, gt))
 
 
 def _is_letter(text):
@@ -311,7 +313,16 @@ def multiple_choice_accuracy(pred, gt, timeout=MATH_TIMEOUT_S):
         return 1.0
     if _is_letter(pred) and _is_letter(gt):
         return float(pred.lower() == gt.lower())  # what grade_answer says for two letters (checked for all pairs)
-    return float(symbolic_equal("choice", pred, gt, timeout))
+    return float(_symbolic_within(timeout, "choice", pred, gt))
+
+
+def _symbolic_within(timeout, kind, pred, gt):
+    """symbolic_equal, or False without asking the worker when the batch's time for symbolic checks is spent
+    (timeout <= 0, compute_score's math_batch_timeout), counted as symbolic_skipped."""
+    if timeout <= 0:
+        COUNTERS["symbolic_skipped"] += 1
+        return False
+    return symbolic_equal(kind, pred, gt, timeout)
 
 
 def temporal_accuracy(pred, gt):
@@ -474,23 +485,30 @@ def overall_reward(accuracy, fmt, structure, format_weight=0.1):
 
 def compute_score(items, format_weight=0.1, *, reward_model_url=None, reward_model_name=POLAR_MODEL,
                   reward_model_batch_size=64, reward_model_timeout=60.0, reward_model_retries=3,
-                  reward_model_backoff=1.0, math_timeout=MATH_TIMEOUT_S):
+                  reward_model_backoff=1.0, reward_model_breaker=0, reward_model_cooldown=300.0,
+                  math_timeout=MATH_TIMEOUT_S, math_batch_timeout=None):
     """The released batch interface: items are dicts with response, ground_truth, data_type, problem_type
     (optional problem, problem_id); returns one dict per item with overall, format, accuracy, structure_reward.
 
     With reward_model_url (a vLLM /pooling endpoint serving POLAR), open-ended accuracy comes from the reward
-    model, normalised within each problem_id group; a batch that fails after its retries falls back to ROUGE."""
+    model, normalised within each problem_id group; a batch that fails after its retries falls back to ROUGE
+    (reward_model_scores: the circuit breaker). math_batch_timeout: seconds for all symbolic checks of this call
+    together; once spent, the remaining ones score 0 (counted symbolic_skipped), so an adversarial batch costs
+    at most this plus one item's math_timeout. None: no bound (the release). Scores then depend on the clock,
+    but only for items that adversarial."""
     if not isinstance(items, list):
         raise TypeError(f"compute_score takes a list of dicts (the released batch interface), "
                         f"got {type(items).__name__}")
     results, rm_queue = [], []
+    deadline = None if math_batch_timeout is None else time.monotonic() + math_batch_timeout
     for i, item in enumerate(items):
         fields = {key: item.get(key) or "" for key in ("response", "ground_truth", "problem_type", "data_type")}
         for key, value in fields.items():
             if not isinstance(value, str):
                 raise TypeError(f"compute_score item {i}: field {key!r} must be a string, got {value!r:.80}")
+        timeout = math_timeout if deadline is None else min(math_timeout, deadline - time.monotonic())
         _, parts = score(fields["response"], fields["ground_truth"], fields["problem_type"], fields["data_type"],
-                         format_weight=format_weight, math_timeout=math_timeout)
+                         format_weight=format_weight, math_timeout=timeout)
         results.append(parts)
         if reward_model_url and fields["problem_type"].lower() == "open-ended":
             rm_queue.append({"index": i, "prompt": item.get("problem") or "",
@@ -500,7 +518,8 @@ def compute_score(items, format_weight=0.1, *, reward_model_url=None, reward_mod
     if rm_queue:
         scores = reward_model_scores(rm_queue, reward_model_url, model=reward_model_name,
                                      batch_size=reward_model_batch_size, timeout=reward_model_timeout,
-                                     retries=reward_model_retries, backoff=reward_model_backoff)
+                                     retries=reward_model_retries, backoff=reward_model_backoff,
+                                     breaker=reward_model_breaker, cooldown=reward_model_cooldown)
         scores = normalize_by_group(scores, [q["problem_id"] for q in rm_queue])
         for q, s in zip(rm_queue, scores):
             parts = results[q["index"]]
@@ -548,19 +567,40 @@ def request_rewards(url, texts, *, model=POLAR_MODEL, timeout=60.0, retries=3, b
     raise RuntimeError(f"reward model at {url} failed {retries + 1} times, last: {error!r}")
 
 
-def reward_model_scores(queue, url, *, model=POLAR_MODEL, batch_size=64, timeout=60.0, retries=3, backoff=1.0):
+_BREAKERS = {}  # url -> {"failures": failed batches in a row, "open_until": time.monotonic() to call it again}
+
+
+def reward_model_scores(queue, url, *, model=POLAR_MODEL, batch_size=64, timeout=60.0, retries=3, backoff=1.0,
+                        breaker=0, cooldown=300.0):
     """Raw reward-model scores for dicts with prompt, reference, output, in batches; a batch that fails falls
-    back to ROUGE for its items (release), counted in COUNTERS."""
-    scores = []
+    back to ROUGE for its items (release), counted in COUNTERS and printed.
+
+    Circuit breaker (breaker > 0): after that many failed batches in a row the server is not called for
+    `cooldown` seconds (its batches go straight to ROUGE, counted rm_breaker_items); then one batch tries it
+    again, and a success closes the breaker. Without it, a server that accepts and never answers costs
+    (1 + retries) x timeout plus the backoffs for every batch."""
+    scores, state = [], _BREAKERS.setdefault(url, {"failures": 0, "open_until": 0.0})
     for start in range(0, len(queue), batch_size):
         batch = queue[start:start + batch_size]
         COUNTERS["rm_batches"] += 1
+        if time.monotonic() < state["open_until"]:
+            COUNTERS["rm_breaker_items"] += len(batch)
+            COUNTERS["rm_fallback_items"] += len(batch)
+            scores += [rouge_accuracy(q["output"], q["reference"]) for q in batch]
+            continue
         try:
             scores += request_rewards(url, [polar_text(q["prompt"], q["reference"], q["output"]) for q in batch],
                                       model=model, timeout=timeout, retries=retries, backoff=backoff)
-        except RuntimeError:
+            state["failures"] = 0
+        except RuntimeError as e:
             COUNTERS["rm_failed_batches"] += 1
             COUNTERS["rm_fallback_items"] += len(batch)
+            state["failures"] += 1
+            print(f"{e}: {len(batch)} items scored by ROUGE", flush=True)
+            if breaker and state["failures"] >= breaker:
+                state["open_until"] = time.monotonic() + cooldown
+                print(f"reward model at {url}: {state['failures']} batches failed in a row; not called for "
+                      f"{cooldown:.0f} s (ROUGE meanwhile)", flush=True)
             scores += [rouge_accuracy(q["output"], q["reference"]) for q in batch]
     return scores
 
@@ -634,9 +674,12 @@ def _serve_symbolic():
 
 def _start_worker():
     global _worker, _worker_pid, _worker_ready
+    # its own session: a SIGTERM / SIGINT sent to the trainer's process group (torchrun, Slurm, Ctrl-C) must not
+    # kill it mid-request and score a right answer 0 in the step being saved; it still ends with its parent, on
+    # the end of its stdin
     _worker = subprocess.Popen([sys.executable, "-c", "import rewards; rewards._serve_symbolic()"],
                                cwd=os.path.dirname(os.path.abspath(__file__)),
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
     _worker_pid, _worker_ready = os.getpid(), False
 
 

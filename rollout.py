@@ -19,6 +19,8 @@ How a rollout runs (one screen each below):
 Log-probs are of the sampled tokens under the raw (temperature 1, unfiltered) distribution: that is what the
 PPO ratio uses (train_rl.py recomputes them with `token_logprobs` when it takes several updates per rollout),
 and with the released recipe's temperature 1.0 and no top-p/top-k it is also the sampling distribution.
+`token_logprobs` never holds the logits of a whole micro-batch: the forward returns the final hidden states and
+lm_head runs on LOGITS_CHUNK response tokens at a time, recomputed in backward (`sampled_logprobs`).
 
 Under FSDP2 the prefill is an ordinary sharded forward and the decode loop runs with every parameter gathered
 once (`gathered_params`): no collective per token. The same code runs in one process without FSDP.
@@ -29,8 +31,12 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
+from torch.utils.checkpoint import checkpoint
 
 MEDIA = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))  # mm_token_type 1, 2
+# response tokens per lm_head call in token_logprobs: at Qwen3-VL's 151,936-token vocabulary the backward of one
+# chunk holds 3 fp32 [chunk, vocab] tensors, 0.87 GiB (memory.py; measured by `python bench.py memory`)
+LOGITS_CHUNK = 512
 
 
 # -----------------------------------------------------------------------------
@@ -373,85 +379,151 @@ def media_per_row(mm_token_type_ids, modality, grid_thw):
     return items
 
 
+def repeats(n, B, device=None):
+    """Responses per prompt, LongTensor [B]: n is one count for all B prompts, or a list of B counts (a
+    micro-batch counted in sequences may hold part of a prompt's group: train_rl.build_mini_batches)."""
+    counts = torch.as_tensor([n] * B if isinstance(n, int) else list(n), dtype=torch.long, device=device)  # [B]
+    if counts.shape != (B,) or bool((counts < 1).any()):
+        raise ValueError(f"rollout: n={n}: expected a count >= 1 or one per prompt for {B} prompts")
+    return counts
+
+
 def repeat_inputs(inputs, n):
-    """The inputs for B*n rows, row i*n+j = prompt i: token tensors and each row's images/videos repeated."""
-    out = {k: v.repeat_interleave(n, 0) for k, v in inputs.items() if v is not None and k not in
+    """The inputs for the rows of n responses per prompt (n: a count or one per prompt; rows of prompt i are
+    consecutive): token tensors and each row's images/videos repeated."""
+    counts = repeats(n, inputs["input_ids"].shape[0], inputs["input_ids"].device)  # [B]
+    out = {k: v.repeat_interleave(counts, 0) for k, v in inputs.items() if v is not None and k not in
            ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
     for modality, (pixels_key, grid_key) in enumerate(MEDIA, start=1):
         grid = inputs.get(grid_key)
         if grid is None:
             continue
         pixels = inputs[pixels_key].split(grid.prod(-1).tolist())  # one [patches, C*t*p*p] block per item
-        order = [item for row in media_per_row(inputs["mm_token_type_ids"], modality, grid)
-                 for _ in range(n) for item in row]
-        out[pixels_key] = torch.cat([pixels[i] for i in order])  # [patches of B*n rows, C*t*p*p]
-        out[grid_key] = grid[order]  # [items of B*n rows, 3]
+        order = [item for row, count in zip(media_per_row(inputs["mm_token_type_ids"], modality, grid),
+                                            counts.tolist()) for _ in range(count) for item in row]
+        out[pixels_key] = torch.cat([pixels[i] for i in order])  # [patches of the repeated rows, C*t*p*p]
+        out[grid_key] = grid[order]  # [items of the repeated rows, 3]
     return out
 
 
-def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt=False):
-    """Teacher-forced log-probs [B*n, T] of response_ids after their prompts (0 where response_mask is 0).
+@contextlib.contextmanager
+def hidden_states_as_logits(model):
+    """Inside, model(...).logits holds the final hidden states [B, kept positions, H] (after the last norm, at
+    the logits_to_keep positions) instead of logits, and lm_head computes nothing.
 
-    inputs: the B prompts as generate takes them; row i*n+j of response_ids answers prompt i. Differentiable.
-    One forward over prompt + response with the same positions as generate; logits are computed for the
-    response positions only (logits_to_keep), not the prompt. Memory: [B*n, T, vocab] fp32 logits.
-    The vision tower runs on all B*n rows (repeat_inputs), n times per prompt: running it once per prompt needs
+    The call stays the model's own forward, so under FSDP2 its hooks run as usual (all-gathers, the backward hook
+    on the output); sampled_logprobs then applies lm_head chunk by chunk, with the root unit's parameters still
+    gathered (common.shard_model keeps them after forward).
+    """
+    hidden = []
+
+    def take(module, args):  # before lm_head: keep its input, hand it no positions
+        hidden.append(args[0])
+        return (args[0][:, :0],)  # [B, 0, H]
+
+    def give(module, args, output):  # after lm_head: return the kept input as its output
+        return hidden.pop()
+
+    handles = [model.lm_head.register_forward_pre_hook(take), model.lm_head.register_forward_hook(give)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt=False):
+    """Teacher-forced log-probs [R, T] of response_ids [R, T] after their prompts (0 where response_mask is 0).
+
+    inputs: the B prompts as generate takes them; n: responses per prompt, one count or one per prompt (R = their
+    sum); the rows of prompt i follow those of prompt i-1 (row i*n+j answers prompt i when n is a count).
+    Differentiable. One forward over prompt + response with the same positions as generate, returning the final
+    hidden states of the response positions; sampled_logprobs turns them into log-probs without ever holding
+    [R, T, vocab] logits.
+    The vision tower runs on all R rows (repeat_inputs), n times per prompt: running it once per prompt needs
     calls outside the one forward (get_image_features), and under FSDP2 ranks with different media mixes then
     run different numbers of root forwards and hang in backward. For an 8B model the vision tower is ~0.6B
-    parameters, so this costs a fraction of the LLM's work on the same B*n rows.
+    parameters, so this costs a fraction of the LLM's work on the same R rows.
     share_prompt=True: the same log-probs from each prompt once (shared_prompt_logprobs).
     """
     if share_prompt:
         return shared_prompt_logprobs(model, inputs, response_ids, response_mask, n)
     T = response_ids.shape[1]
+    counts = repeats(n, inputs["input_ids"].shape[0], response_ids.device)  # [B]
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
-    prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
-    full = repeat_inputs(inputs, n)
-    full["input_ids"] = torch.cat([full["input_ids"], response_ids], 1)  # [Bn, P+T]
-    full["attention_mask"] = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [Bn, P+T]
+    prompt_mask = inputs["attention_mask"].repeat_interleave(counts, 0)  # [R, P]
+    full = repeat_inputs(inputs, counts)
+    full["input_ids"] = torch.cat([full["input_ids"], response_ids], 1)  # [R, P+T]
+    full["attention_mask"] = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [R, P+T]
     if full.get("mm_token_type_ids") is not None:  # responses are text (type 0)
         full["mm_token_type_ids"] = F.pad(full["mm_token_type_ids"], (0, T))
-    response_pos = response_positions(prompt_mask, next_pos, n, T)  # [4, Bn, T]
-    position_ids = torch.cat([position_ids.repeat_interleave(n, 1), response_pos], 2)  # [4, Bn, P+T]
-    out = model(**full, position_ids=position_ids, logits_to_keep=T + 1)
+    response_pos = response_positions(prompt_mask, next_pos, counts, T)  # [4, R, T]
+    position_ids = torch.cat([position_ids.repeat_interleave(counts, 1), response_pos], 2)  # [4, R, P+T]
+    with hidden_states_as_logits(model):
+        hidden = model(**full, position_ids=position_ids, logits_to_keep=T + 1).logits  # [R, T+1, H]
     # position P-1+t predicts token t
-    return sampled_logprobs(model, out.logits[:, :-1], response_ids, response_mask)
+    return sampled_logprobs(model, hidden[:, :-1], response_ids, response_mask)
 
 
 def response_positions(prompt_mask, next_pos, n, T):
-    """position_ids [4, B*n, T] of T response tokens after their prompts (prompt_mask [B*n, P], next_pos [3, B]):
-    the text row continues the prompt's count, the t/h/w rows continue from next_pos, as generate decodes."""
+    """position_ids [4, R, T] of T response tokens after their prompts (prompt_mask [R, P], next_pos [3, B], n
+    responses per prompt: a count or one per prompt): the text row continues the prompt's count, the t/h/w rows
+    continue from next_pos, as generate decodes."""
     steps = torch.arange(T, device=prompt_mask.device)  # [T]
+    counts = repeats(n, next_pos.shape[1], next_pos.device)  # [B]
     return torch.cat([(prompt_mask.sum(1, keepdim=True) + steps)[None],
-                      next_pos.repeat_interleave(n, 1)[:, :, None] + steps])  # [4, Bn, T]
+                      next_pos.repeat_interleave(counts, 1)[:, :, None] + steps])  # [4, R, T]
 
 
-def sampled_logprobs(model, logits, response_ids, response_mask):
-    """log p of response_ids [Bn, T] under logits [Bn, T, V] (media tokens excluded), 0 where the mask is 0."""
-    logits = no_media_tokens(model, logits.float())  # [Bn, T, V]
-    logp = logits.gather(-1, response_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn, T]
-    return logp * response_mask
+def chunk_logprobs(model, hidden, token_ids):
+    """log p of token_ids [c] under lm_head(hidden [c, H]), media tokens excluded: the [c, vocab] logits exist
+    only inside this call. log_softmax + gather keeps 3 fp32 [c, vocab] tensors at the peak of its backward
+    (logsumexp's backward keeps 4)."""
+    logits = no_media_tokens(model, model.lm_head(hidden).float())  # [c, V]
+    return F.log_softmax(logits, -1).gather(-1, token_ids[:, None]).squeeze(-1)  # [c]
+
+
+def sampled_logprobs(model, hidden, response_ids, response_mask):
+    """log p of response_ids [R, T] from the final hidden states [R, T, H] that predict them, 0 where the mask is 0.
+
+    Only the response tokens (mask 1) go through lm_head, LOGITS_CHUNK at a time, each chunk checkpointed: its
+    logits are computed in forward, dropped, and computed again in its backward. So the memory is that of one
+    chunk's logits, whatever the micro-batch, where a full pass would hold [R, T, vocab] (and fp32 copies).
+    Values and gradients equal the full pass (tests/test_rollout.py).
+    """
+    keep = response_mask.bool()  # [R, T]
+    h, ids = hidden[keep], response_ids[keep]  # [N, H], [N]: the response tokens in row order
+    chunks = [checkpoint(chunk_logprobs, model, h[i:i + LOGITS_CHUNK], ids[i:i + LOGITS_CHUNK], use_reentrant=False)
+              for i in range(0, len(ids), LOGITS_CHUNK)]
+    logp = torch.cat(chunks) if chunks else h.new_zeros(0, dtype=torch.float32)  # [N]
+    return torch.zeros(keep.shape, dtype=logp.dtype, device=logp.device).masked_scatter(keep, logp)  # [R, T]
 
 
 def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
     """token_logprobs with each prompt in the forward once: the B prompts (and their media) go through the model
-    with a KV cache, the cache is repeated n times, and the B*n responses go through on top of it. Positions are
-    those of token_logprobs, so the log-probs are the same (tested), from B*P + B*n*T tokens instead of
-    B*n*(P + T), with the vision tower once per prompt; gradients reach the prompt through the repeated cache.
-    Two forwards of the model per call (FSDP2 gathers the weights for each; tested on 2 ranks). Not with gradient
-    checkpointing: HF's checkpointed layers drop the cache in training mode."""
+    with a KV cache, the cache is repeated for each prompt's responses, and the R responses go through on top of
+    it. Positions are those of token_logprobs, so the log-probs are the same (tested), from B*P + R*T tokens
+    instead of R*(P + T), with the vision tower once per prompt; gradients reach the prompt through the repeated
+    cache. Two forwards of the model per call (FSDP2 gathers the weights for each; tested on 2 ranks). Not with
+    gradient checkpointing: HF's checkpointed layers drop the cache in training mode."""
     T = response_ids.shape[1]
+    counts = repeats(n, inputs["input_ids"].shape[0], response_ids.device)  # [B]
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
-    prompt = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    cache = prompt.past_key_values
-    if cache is None or cache.get_seq_length() != inputs["input_ids"].shape[1]:
-        raise ValueError("share_prompt: the prompt forward kept no KV cache (gradient checkpointing drops it in "
-                         "training mode); turn share_prompt or gradient checkpointing off")
-    cache.batch_repeat_interleave(n)  # [B, heads, P, d] -> [B*n, heads, P, d] per layer, differentiable
-    prompt_mask = inputs["attention_mask"].repeat_interleave(n, 0)  # [Bn, P]
-    attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [Bn, P+T]
-    out = model(input_ids=response_ids, attention_mask=attention_mask,
-                position_ids=response_positions(prompt_mask, next_pos, n, T), past_key_values=cache, use_cache=True)
+    with hidden_states_as_logits(model):
+        prompt = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        cache = prompt.past_key_values
+        if cache is None or cache.get_seq_length() != inputs["input_ids"].shape[1]:
+            raise ValueError("share_prompt: the prompt forward kept no KV cache (gradient checkpointing drops it in "
+                             "training mode); turn share_prompt or gradient checkpointing off")
+        # [B, heads, P, d] -> [R, heads, P, d] per layer, differentiable. repeat_interleave, not indexing: the
+        # backward of an index with repeats summed them in an order that varied between runs on CPU (caught by
+        # tests/test_train_rl.py::test_resume_is_exact)
+        cache.batch_repeat_interleave(counts)
+        prompt_mask = inputs["attention_mask"].repeat_interleave(counts, 0)  # [R, P]
+        attention_mask = torch.cat([prompt_mask, response_mask.to(prompt_mask.dtype)], 1)  # [R, P+T]
+        out = model(input_ids=response_ids, attention_mask=attention_mask,
+                    position_ids=response_positions(prompt_mask, next_pos, counts, T), past_key_values=cache,
+                    use_cache=True)
     # token 0 is predicted at the prompt's last position, token t at response position t-1
-    logits = torch.cat([prompt.logits.repeat_interleave(n, 0), out.logits[:, :-1]], 1)  # [Bn, T, V]
-    return sampled_logprobs(model, logits, response_ids, response_mask)
+    hidden = torch.cat([prompt.logits.repeat_interleave(counts, 0), out.logits[:, :-1]], 1)  # [R, T, H]
+    return sampled_logprobs(model, hidden, response_ids, response_mask)

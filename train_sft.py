@@ -6,7 +6,8 @@ assistant tokens only, vision tower and projector frozen in the release preset.
     python train_sft.py --max_steps=50 --out_dir=runs/sft-try
     torchrun --nproc_per_node 8 train_sft.py --preset=release --model=/models/Qwen3-VL-8B-Instruct \
         --data=/data/onethinker_sft_image.json,/data/onethinker_sft_video.json --media_root=/data --out_dir=runs/sft
-    python train_sft.py --out_dir=runs/sft --resume=true  # continue exactly from the newest checkpoint
+    python train_sft.py --out_dir=runs/sft --resume=true  # continue exactly from the newest intact checkpoint
+    python export.py --ckpt=runs/sft/ckpt/step_000500 --out=runs/sft/hf-500   # any checkpoint -> an HF folder
 
 The release preset is LLaMA-Factory's examples/train_full/onethinker_qwen3_sft.yaml: both data files, one row per
 GPU per optimizer step, each row's token-mean loss averaged over rows, vision tower and projector frozen as
@@ -16,6 +17,9 @@ sequences and turns no liger kernels on); README's table "What differs from the 
 several rows per micro-batch (the shapes preset) a step's rows are sorted by length into micro-batches and the
 padding share is logged.
 The exported model (out_dir/hf) loads with from_pretrained and is the starting point of train_rl.py and eval.py.
+Faults (README "Faults tried"): as in train_rl.py, a row that fails at run time (media that do not decode, more
+tokens than the model context, a cutoff_len that would cut into its media) is named and replaced, SIGTERM is
+honoured between micro-batches, and max_skipped_steps non-finite steps in a row stop the run without an export.
 """
 import dataclasses
 import math
@@ -46,10 +50,14 @@ class Config:
     # prompt of rows without their own user text (messages of the assistant turn alone, with problem /
     # problem_type): "release", "project" or a JSON file (data.load_templates); None: ours
     prompt_template: str | None = None
-    skip_bad_rows: bool = False  # True: drop malformed rows (counted in a log line) instead of stopping
+    skip_bad_rows: bool = False  # drop malformed rows at load (counted in a log line) and any number at run time
     check_media: bool = True  # open every media file's header at start-up (the files split over ranks)
+    max_bad_rows: int = 10  # rows failing at run time (media that do not decode, more tokens than the model
+    # context) are named, skipped and replaced up to this many per run; past it the run stops with the list
+    allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
     out_dir: str = "runs/sft"
-    resume: bool = False
+    resume: bool = False  # continue from the newest intact checkpoint in out_dir/ckpt, on any number of ranks
+    overwrite: bool = False  # start over in an out_dir that holds a run (its checkpoints and metrics are deleted)
     seed: int = 0
     # optimisation (SPEC 6: lr 1e-5 cosine, warmup 2%, weight decay 1e-6, 1 epoch)
     max_steps: int = 1500  # optimizer steps; 0 = one epoch
@@ -64,6 +72,7 @@ class Config:
     warmup_ratio: float = 0.02
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    max_skipped_steps: int = 5  # non-finite steps in a row stop the run, exit non-zero and export nothing
     # True: the vision tower's patch embedding and blocks and its merger stay as they are, as LLaMA-Factory's
     # freeze_vision_tower + freeze_multi_modal_projector (the release); the position embedding and deepstack
     # mergers still train (model.freeze_vision). False for the tiny model, whose tower is random and must learn
@@ -85,6 +94,8 @@ class Config:
     val_every: int = 250
     log_every: int = 10
     save_every: int = 500
+    keep_last: int = 2  # complete checkpoints kept (0: all); the one this run resumed from is never deleted
+    stop_grace_s: float = 20.0  # seconds from SIGTERM to a committed checkpoint (train_rl.py's, README)
     wandb: bool = False
 
 
@@ -152,14 +163,26 @@ def lr_at(step, cfg, total_steps):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def micro_batches(pairs, cfg, pad_id, device, cut=None):
+    """(row, encoded row) pairs sorted by length into padded micro-batches on the device; cut, a dict, counts the
+    rows and tokens cutoff_len cut (data.count_truncated)."""
+    items = {row["source"]: item for row, item in pairs}
+    batches = []
+    for chunk in length_sorted_micro_batches([row for row, _ in pairs], cfg.micro_batch_size):
+        encoded = [items[row["source"]] for row in chunk]
+        if cut is not None:
+            data.count_truncated(encoded, cut)
+        batches.append({k: v.to(device) for k, v in data.pad_batch(encoded, pad_id, with_answer=True).items()})
+    return batches
+
+
 @torch.no_grad()
-def validation_loss(model, rows, processor, media_cfg, templates, cfg, device, cache=None):
-    """The held-out rows' loss, averaged as training averages it (each rank its share, combined over ranks)."""
+def validation_loss(model, pairs, cfg, pad_id, device):
+    """The held-out (row, encoded row) pairs' loss, averaged as training averages it (each rank its share,
+    combined over ranks)."""
     model.eval()
     total, count = 0.0, 0.0
-    for chunk in length_sorted_micro_batches(rows, cfg.micro_batch_size):
-        batch = {k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, templates, with_answer=True,
-                                                          cache=cache, cutoff_len=cfg.cutoff_len).items()}
+    for batch in micro_batches(pairs, cfg, pad_id, device):
         with common.autocast(cfg.bf16, device):
             total += sft_loss(model, batch, 1.0, cfg.loss_average).item()
         count += labelled_counts(batch)[cfg.loss_average]
@@ -168,14 +191,12 @@ def validation_loss(model, rows, processor, media_cfg, templates, cfg, device, c
     return sums["loss"] / max(sums["count"], 1.0)
 
 
-def step_batches(rows, processor, media_cfg, templates, cfg, device, cache):
-    """This rank's rows of one step as length-sorted micro-batches on device, and the step's counts over all
-    ranks: labelled tokens and rows (the loss denominators), padding and cells, rows and tokens cut by
-    cutoff_len."""
+def step_batches(pairs, cfg, pad_id, device):
+    """This rank's (row, encoded row) pairs of one step as length-sorted micro-batches on device, and the step's
+    counts over all ranks: labelled tokens and rows (the loss denominators), padding and cells, rows and tokens
+    cut by cutoff_len."""
     cut = {"truncated_rows": 0, "truncated_tokens": 0}
-    batches = [{k: v.to(device) for k, v in data.collate(chunk, processor, media_cfg, templates, with_answer=True,
-                                                         cache=cache, cutoff_len=cfg.cutoff_len, stats=cut).items()}
-               for chunk in length_sorted_micro_batches(rows, cfg.micro_batch_size)]
+    batches = micro_batches(pairs, cfg, pad_id, device, cut)
     local = {"padding": 0.0, "cells": 0.0, "token": 0.0, "row": 0.0, **{k: float(v) for k, v in cut.items()}}
     for b in batches:
         for key, value in labelled_counts(b).items():
@@ -185,17 +206,18 @@ def step_batches(rows, processor, media_cfg, templates, cfg, device, cache):
     return batches, common.all_reduce(local)
 
 
-def load_model(cfg, device, rank):
-    """(model, processor): the model sharded over ranks, the vision tower frozen when asked."""
+def load_model(cfg, device, rank, world_size):
+    """(model, processor): the model sharded over ranks (rank 0 alone reads the weights), the vision tower frozen
+    when asked."""
     if rank == 0:
         model_lib.ensure_model(cfg.model)
     common.barrier()  # the other ranks wait for the tiny model to be built
-    model, processor = model_lib.load_model(cfg.model, device=str(device))
+    model, full, processor = model_lib.load_model_to_shard(cfg.model, str(device), torch.float32, rank, world_size)
     if cfg.freeze_vision:
         model_lib.freeze_vision(model)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable()
-    return common.shard_model(model, mixed_precision=cfg.bf16), processor
+    return common.shard_model(model, mixed_precision=cfg.bf16, full_model=full), processor
 
 
 def load_split(cfg, rank, world_size):
@@ -203,7 +225,7 @@ def load_split(cfg, rank, world_size):
     choice over all files)."""
     rows = [row for path in cfg.data.split(",")
             for row in data.load_rows(path, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows,
-                                           check_media=cfg.check_media)]
+                                      check_media=cfg.check_media, allow_outside_root=cfg.allow_media_outside_root)]
     bad = [r["source"] for r in rows if r["kind"] != "sft"]
     if bad:
         raise ValueError(f"{bad[0]}: train_sft.py needs SFT rows (messages with an assistant turn)")
@@ -212,97 +234,154 @@ def load_split(cfg, rank, world_size):
     return [r for i, r in enumerate(rows) if i not in held_out], val_rows
 
 
+def make_encoder(cfg, processor, context):
+    """One SFT row -> its encoded prompt and answer (data.encode_cached, cut to cutoff_len); a ValueError naming the
+    row when its media do not decode or it holds more tokens than the model context (data.draw_rows replaces it)."""
+    media_cfg, cache = data.media_config(cfg), {} if cfg.cache_inputs else None
+    templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
+
+    def encode_row(row):
+        item = data.encode_cached(row, processor, media_cfg, templates, True, cache, cfg.cutoff_len)
+        return data.check_length(row, item, context)
+    return encode_row
+
+
+def encoded_val_rows(val_rows, encode_row, bad_rows):
+    """(row, encoded row) pairs of this rank's held-out rows that encode; every rank keeps as many as the rank
+    with the fewest (each validation forward is a collective under FSDP). Collective."""
+    pairs = []
+    for row in val_rows:
+        try:
+            pairs.append((row, encode_row(row)))
+        except ValueError as e:
+            bad_rows.record(row, e)
+    bad_rows.report()
+    return pairs[:int(common.all_reduce(float(len(pairs)), "min"))]
+
+
+def forward_backward(model, batches, denominator, cfg, device, stop):
+    """The step's summed loss over its micro-batches (gradients sync on the last one), or None when a preemption
+    drops the step before one of them (stop.drop_step; the caller discards the gradients)."""
+    loss_total = 0.0
+    for i, batch in enumerate(batches):
+        if stop.drop_step():
+            return None
+        common.set_grad_sync(model, i == len(batches) - 1)
+        with common.autocast(cfg.bf16, device):
+            loss = sft_loss(model, batch, denominator, cfg.loss_average)
+        loss.backward()
+        loss_total += loss.item()
+    return common.all_reduce(loss_total)
+
+
+def count_skipped(skipped, finite, cfg, step):
+    """Non-finite steps in a row; a run that cannot learn stops with an error (no export) at max_skipped_steps."""
+    skipped = 0 if finite else skipped + 1
+    if cfg.max_skipped_steps and skipped >= cfg.max_skipped_steps:
+        raise RuntimeError(f"step {step}: {skipped} non-finite steps in a row; stopping without an export "
+                           f"(max_skipped_steps={cfg.max_skipped_steps})")
+    return skipped
+
+
 def main(argv):
-    cfg = common.parse_config(Config, argv, PRESETS)
+    cfg = common.parse_config(Config, argv, PRESETS, {"loss_average": LOSS_AVERAGES, "sizing": data.SIZINGS})
     rank, world_size, _, device = common.init_distributed()
     cfg = dataclasses.replace(cfg, batch_size=cfg.batch_size or world_size * cfg.micro_batch_size)
-    if cfg.loss_average not in LOSS_AVERAGES:
-        raise ValueError(f"loss_average must be one of {LOSS_AVERAGES}, got {cfg.loss_average!r}")
     if cfg.batch_size % (world_size * cfg.micro_batch_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of world_size*micro_batch_size="
                          f"{world_size}*{cfg.micro_batch_size}")
     if cfg.val_rows % world_size:  # every rank must run the same number of validation forwards (FSDP)
         raise ValueError(f"val_rows={cfg.val_rows} must be a multiple of world_size={world_size}")
+    common.prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    stop = common.StopFlag(cfg.stop_grace_s)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
 
     # --- model, data, optimizer
-    model, processor = load_model(cfg, device, rank)
-    media_cfg = data.media_config(cfg)
-    templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
+    model, processor = load_model(cfg, device, rank, world_size)
+    pad_id = processor.tokenizer.pad_token_id
+    encode_row = make_encoder(cfg, processor, model.config.text_config.max_position_embeddings)
+    bad_rows = data.BadRows(None if cfg.skip_bad_rows else cfg.max_bad_rows)
     train_rows, val_rows = load_split(cfg, rank, world_size)
+    val_pairs = encoded_val_rows(val_rows, encode_row, bad_rows) if cfg.val_rows else []
     sampler = data.ShardedSampler(len(train_rows), rank, world_size, seed=cfg.seed)
     rows_per_rank = cfg.batch_size // world_size
-    cache = {} if cfg.cache_inputs else None
     total_steps = cfg.max_steps or len(train_rows) // cfg.batch_size
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
-    logger = common.Logger(cfg.out_dir, cfg, cfg.wandb)
-    sigterm = common.install_sigterm_flag()
+    logger = common.Logger(cfg.out_dir, cfg, cfg.wandb, resume=cfg.resume)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
 
     step, truncated = 0, {"truncated_rows": 0.0, "truncated_tokens": 0.0}  # cut by cutoff_len, all ranks, so far
-    if cfg.resume and (path := common.latest_checkpoint(ckpt_dir)):
-        extra = common.load_checkpoint(path, model, optimizer)
+    resumed_from, extra = common.resume_checkpoint(ckpt_dir, model, optimizer) if cfg.resume else (None, None)
+    if resumed_from:
         step, truncated = extra["step"], extra.get("truncated", truncated)
         sampler.load_state_dict(extra["sampler"])
-        common.set_rng_state(extra["rng"])
+        common.restore_rng(extra, cfg.seed)
+        bad_rows.errors.update(extra["bad_rows"])
         if rank == 0:
-            print(f"resumed from {path} at step {step}")
+            print(f"resumed from {resumed_from} at step {step}" + (
+                f" (written by {extra['world_size']} ranks)" if extra.get("resharded") else ""))
+    saved_step, skipped = step, 0
 
     n_train = sum(p.numel() for p in params)
     if rank == 0:
-        print(f"SFT: {len(train_rows)} train rows, {cfg.val_rows} held out, {total_steps} steps, "
+        print(f"SFT: {len(train_rows)} train rows, {len(val_pairs)} held out on each rank, {total_steps} steps, "
               f"{n_train / 1e6:.2f}M trainable parameters, world size {world_size}, device {device}")
     model.train()
     bar = tqdm(total=total_steps, initial=step, desc="sft", disable=rank != 0, dynamic_ncols=True)
     while step < total_steps:
+        stop.start_step()
+        before = {"sampler": sampler.state_dict(), "rng": common.rng_state(), "truncated": truncated}
         t0 = time.perf_counter()
-        # --- batch: this rank's rows, sorted by length into micro-batches
-        step_rows = [train_rows[i] for i in sampler.next_batch(rows_per_rank)]
-        batches, counts = step_batches(step_rows, processor, media_cfg, templates, cfg, device, cache)
+        # --- batch: this rank's rows (a row that fails to encode is named and replaced), sorted by length
+        pairs = data.draw_rows(train_rows, sampler, rows_per_rank, encode_row, bad_rows)
+        new_bad = bad_rows.report()
+        batches, counts = step_batches(pairs, cfg, pad_id, device)
         truncated = {k: v + counts[k] for k, v in truncated.items()}
         t_data = time.perf_counter() - t0
 
-        # --- forward / backward over micro-batches; gradients sync on the last one only
+        # --- forward / backward over micro-batches; a preemption with no time to finish drops the step
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_total = 0.0
-        for i, batch in enumerate(batches):
-            common.set_grad_sync(model, i == len(batches) - 1)
-            with common.autocast(cfg.bf16, device):
-                loss = sft_loss(model, batch, max(counts[cfg.loss_average], 1.0), cfg.loss_average)
-            loss.backward()
-            loss_total += loss.item()
-        loss_total = common.all_reduce(loss_total)
+        loss_total = forward_backward(model, batches, max(counts[cfg.loss_average], 1.0), cfg, device, stop)
+        if loss_total is None:
+            optimizer.zero_grad(set_to_none=True)
+            common.save_dropped_step(ckpt_dir, step, saved_step, model, optimizer, processor,
+                                     data.checkpoint_state(before, bad_rows), cfg, resumed_from)
+            break
 
         # --- update (a non-finite loss or gradient skips the step: never write corrupt weights)
         grad_norm = common.clip_grad_norm(model, cfg.grad_clip)
-        if math.isfinite(loss_total) and math.isfinite(grad_norm):
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        if finite:
             optimizer.step()
         elif rank == 0:
             print(f"step {step}: non-finite loss {loss_total} / grad norm {grad_norm}: update skipped")
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        skipped = count_skipped(skipped, finite, cfg, step)
 
         # --- log, validate, save
-        if step % cfg.log_every == 0 or step == total_steps:
+        if step % cfg.log_every == 0 or step == total_steps or new_bad:
             logger.log(step, {"loss": loss_total, "lr": lr, "grad_norm": grad_norm,
                               "padding_share": counts["padding"] / counts["cells"],
                               "tokens_per_step": counts["token"], "epoch": sampler.epoch, **truncated,
+                              "bad_rows": float(len(bad_rows.errors)),
+                              **({"bad_rows_new": "; ".join(new_bad)} if new_bad else {}),
                               "sec": {"step": time.perf_counter() - t0, "data": t_data}})
         if cfg.val_rows and (step % cfg.val_every == 0 or step == total_steps):
-            logger.log(step, {"val_loss": validation_loss(model, val_rows, processor, media_cfg, templates, cfg, device,
-                                                          cache)})
-        stop = common.all_reduce(float(sigterm.requested), "max") > 0
-        if step % cfg.save_every == 0 or step == total_steps or stop:
-            common.save_checkpoint(ckpt_dir, step, model, optimizer, {
-                "sampler": sampler.state_dict(), "rng": common.rng_state(), "config": dataclasses.asdict(cfg),
-                "truncated": truncated})
-        if stop:
+            logger.log(step, {"val_loss": validation_loss(model, val_pairs, cfg, pad_id, device)})
+        stopping = stop.stop_after_step()
+        if step % cfg.save_every == 0 or step == total_steps or stopping:
+            state = {"sampler": sampler.state_dict(), "rng": common.rng_state(), "truncated": truncated}
+            common.save_run(ckpt_dir, step, model, optimizer, processor, data.checkpoint_state(state, bad_rows), cfg,
+                            resumed_from)
+            saved_step = step
+        if stopping:
             if rank == 0:
                 print(f"SIGTERM: checkpoint written at step {step}; exiting")
             break

@@ -19,7 +19,7 @@ import train_rl
 import train_sft
 
 CONFIGS = [train_rl.Config, train_sft.Config, eval_lib.Config, data.Config, model_lib.Config, shapes.Config,
-           demo.Config, bench.RolloutConfig, bench.RewardsConfig]
+           demo.Config, bench.RolloutConfig, bench.RewardsConfig, bench.MemoryConfig]
 TRAINERS = {"train_rl.py": train_rl.Config, "train_sft.py": train_sft.Config, "eval.py": eval_lib.Config}
 
 
@@ -66,9 +66,23 @@ def test_release_presets_parse(script, presets):
     assert cfg.bf16 and all(getattr(cfg, key) == value for key, value in presets["release"].items())
 
 
-def test_release_plan_is_built_on_the_meta_device(capsys):
-    train_rl.main(["--preset=release", "--plan=true"])  # returns before any process group, model or data
+def test_release_plans_are_built_on_the_meta_device_and_fit(capsys):
+    """`train_rl.py --preset=release --plan=true` and `eval.py --preset=release --plan=true` print the per-GPU
+    plans of Qwen3-VL-8B (no process group, model or data) and the release presets fit 8 x 80 GB."""
+    train_rl.main(["--preset=release", "--plan=true"])
     out = capsys.readouterr().out
-    assert "Qwen3-VL-8B on meta: 8.77B parameters" in out and "peak" in out
+    assert "Qwen3-VL-8B on meta: 8.77B parameters" in out and "(80 GB): headroom" in out and "(141 GB)" in out
+    eval_lib.main(["--preset=release", "--plan=true"])
+    out += capsys.readouterr().out
+    assert "eval, Qwen3-VL-8B in bf16" in out and "DOES NOT FIT" not in out
     cfg = common.parse_config(train_rl.Config, ["--preset=release"], train_rl.PRESETS)
-    assert memory.print_plan(cfg) > 8e9
+    assert memory.print_rl_plan(cfg) < 0.9 * 80e9
+    # the same config with the rollout batch it had before the plan: its decode cache outgrows 80 GB
+    assert memory.print_rl_plan(dataclasses.replace(cfg, rollout_batch_prompts=2)) > 80e9
+
+
+def test_kv_cache_slots_follow_the_bucketed_growth():
+    """16 rows of a 4,608-token prompt and 4,096 new tokens: 16 rows of 16,384 slots while the 8,192-slot cache is
+    copied into them; a length that fits its first bucket never doubles."""
+    assert memory.kv_cache_slots(16, 4608, 4096) == 16 * (16384 + 8192)
+    assert memory.kv_cache_slots(9, 100, 20) == 16 * 128

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import sys
+import types
 
 import pytest
 import torch
@@ -214,13 +215,37 @@ def test_logger_writes_jsonl_and_stdout(tmp_path, capsys):
     assert "step 1 | loss 0.5 | ema/math/std 0.25 | n 3" in out and '"steps": 3' in out
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    import wandb
+    inits = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: inits.append(kwargs) or types.SimpleNamespace(
+        log=lambda *a, **k: None, finish=lambda: None))
+    for resume in (False, True, False):
+        common.Logger(str(tmp_path), Config(), use_wandb=True, resume=resume).close()
+    first, resumed, fresh = (call["id"] for call in inits)
+    assert resumed == first and fresh != first and all(call["resume"] == "allow" for call in inits)
+
+
 def test_sigterm_flag_and_single_process_helpers():
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        flag = common.install_sigterm_flag()
-        assert not flag.requested
+        flag = common.StopFlag(grace_s=0.0)
+        flag.start_step()
+        assert not flag.requested and not flag.drop_step()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested
+        assert flag.requested and flag.drop_step()  # no time to finish the step: drop it
+        # a step whose rest fits in the grace is finished, then the run stops after it
+        flag = common.StopFlag(grace_s=3600.0)
+        flag.start_step()
+        assert not flag.stop_after_step()
+        flag.start_step()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert not flag.drop_step() and flag.finish_step and flag.stop_after_step()
+        # before any step has finished its length is unknown: dropped whatever the grace
+        flag = common.StopFlag(grace_s=3600.0)
+        flag.start_step()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.drop_step()
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert common.init_distributed()[:3] == (0, 1, 0)  # not under torchrun: one process, no group
@@ -229,8 +254,37 @@ def test_sigterm_flag_and_single_process_helpers():
     assert common.shard_model(model, mixed_precision=True) is model  # one process: the plain model
 
 
+def test_kahan_adamw_follows_fp64_adamw_where_plain_bf16_adamw_stalls():
+    """bf16 weights of size ~0.02 (bf16 resolution there: 1.2e-4) and 300 steps at lr 1e-5 with weight decay: each
+    update is far below the resolution. KahanAdamW follows AdamW run in fp64; torch's AdamW on the bf16 weights
+    barely moves them."""
+    gen = torch.Generator().manual_seed(0)
+    start = (torch.randn(4096, generator=gen) * 0.02).bfloat16()
+    grads = [(torch.randn(4096, generator=gen) + 0.5).bfloat16() for _ in range(300)]  # a drift to follow
+    runs = {}
+    for name, dtype, make in (("fp64", torch.float64, torch.optim.AdamW), ("plain", torch.bfloat16, torch.optim.AdamW),
+                              ("kahan", torch.bfloat16, common.KahanAdamW)):
+        weight = torch.nn.Parameter(start.to(dtype, copy=True))
+        optimizer = make([weight], lr=1e-5, weight_decay=0.1)
+        for grad in grads:
+            weight.grad = grad.to(dtype)
+            optimizer.step()
+        runs[name] = (weight.detach().double(), optimizer.state[weight])
+    reference = runs["fp64"][0]
+    moved = (reference - start.double()).abs().mean()
+    assert moved > 1e-3, moved  # 8 bf16 steps at 0.02
+    plain, (kahan, state) = runs["plain"][0], runs["kahan"]
+    assert (plain - start.double()).abs().mean() < 0.1 * moved  # stalled: most updates round away
+    # the bf16 weight plus its compensation follows the fp64 run to within 4% of the distance travelled
+    assert (kahan + state["compensation"].double() - reference).abs().max() < 5e-5
+    assert (kahan - reference).abs().mean() < 0.05 * (plain - reference).abs().mean()
+    assert {state[k].dtype for k in ("exp_avg", "exp_avg_sq", "compensation")} == {torch.bfloat16}
+    assert common.build_optimizer([torch.nn.Parameter(start)], 1e-5, 0.0, "bf16").__class__ is common.KahanAdamW
+
+
 # -----------------------------------------------------------------------------
-# 2 gloo ranks under torchrun: FSDP2 forward/backward + AdamW step, DCP save, HF export; reload in one process
+# 2 gloo ranks under torchrun: the model filled from rank 0, FSDP2 forward/backward + AdamW step, DCP save, HF
+# export; reload in one process
 
 
 def rank_inputs(rank):
@@ -242,7 +296,9 @@ def _worker(out_dir):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
     rank, _, _, _ = common.init_distributed()
-    model = common.shard_model(tiny_model(), mixed_precision=False)
+    with torch.device("meta"):  # every rank builds the model without weights; rank 0's copy fills the shards
+        skeleton = tiny_model()
+    model = common.shard_model(skeleton, mixed_precision=False, full_model=tiny_model() if rank == 0 else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
     # the loss of the global batch is the sum of the per-rank losses: gradients are summed over ranks
     tiny_loss(model, rank_inputs(rank)).backward()

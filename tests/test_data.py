@@ -1,8 +1,10 @@
 """data.py: loading the three row shapes, errors that name file/row/field, media decoding, model inputs
 (media tokens, video timestamps, left padding, SFT label span) and rank sharding with exact resume."""
+import dataclasses
 import json
 import os
 import re
+import runpy
 import sys
 
 import numpy as np
@@ -64,6 +66,7 @@ def media_dir(tmp_path, suite_dir):
     (tmp_path / "clip.mp4").write_bytes((suite_dir / "media" / "clip.mp4").read_bytes())
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 garbage " * 8)
+    (tmp_path / "list.m3u8").write_text("#EXTM3U\n#EXTINF:1.0,\n../../elsewhere/clip.mp4\n")  # FFmpeg would follow it
     return tmp_path
 
 
@@ -76,6 +79,9 @@ MALFORMED = [  # (change to a good RL row, field named in the error, text in the
     (lambda r: r.update(images=None, videos=["bad.mp4"], data_type="video"), "videos", "corrupt video"),
     (lambda r: r.update(data_type="video"), "data_type", "'video'"),
     (lambda r: r.update(images="a.png"), "images", "list of paths"),
+    (lambda r: r.update(images=["../a.png"]), "images", "leads out of media_root"),
+    (lambda r: r.update(images=["/etc/hostname"]), "images", "leads out of media_root"),
+    (lambda r: r.update(images=None, videos=["list.m3u8"], data_type="video"), "videos", "is a playlist"),
 ]
 
 
@@ -150,6 +156,25 @@ def test_media_check_is_split_over_ranks(media_dir, tmp_path):
     assert got[1]["opened"] == ["img1.png", "img3.png", "img5.png"] * 2
     assert got[0]["loaded"] == got[1]["loaded"] == [f"{path}: row {i}" for i in (0, 1, 2, 4, 5)]
     assert got[0]["error"] == got[1]["error"] and got[0]["error"].startswith(f"{path}: row 3 field 'images': corrupt")
+
+
+def test_check_cli_skip_bad_rows(media_dir, monkeypatch, capsys):
+    """`python data.py --data=F --skip_bad_rows=false` stops at the first bad row (it used to skip anyway);
+    true skips and counts; a media path out of media_root passes only with --allow_media_outside_root=true."""
+    rows = [good_rl(), {**good_rl(), "images": ["nowhere.png"]}, {**good_rl(), "images": [str(media_dir / "a.png")]}]
+    (media_dir / "sub").mkdir()
+    (media_dir / "sub" / "a.png").write_bytes((media_dir / "a.png").read_bytes())
+    path = write_rows(media_dir / "sub", rows)
+
+    def cli(*args):
+        monkeypatch.setattr(sys, "argv", ["data.py", f"--data={path}", *args])
+        runpy.run_path(data.__file__, run_name="__main__")
+    with pytest.raises(ValueError, match=r"row 1 field 'images': missing file"):
+        cli("--skip_bad_rows=false")
+    cli("--skip_bad_rows=true")
+    assert "skipped 2 of 3 rows" in capsys.readouterr().out  # row 2's absolute path leads out of sub/
+    cli("--skip_bad_rows=true", "--allow_media_outside_root=true")
+    assert "skipped 1 of 3 rows" in capsys.readouterr().out
 
 
 def test_check_cli_counts(suite_dir, capsys):
@@ -292,6 +317,19 @@ def test_sft_labels_cover_exactly_the_assistant_turn(suite_dir, tiny):
         data.collate(load(suite_dir, "rl.json")[:1], processor, TEST_MEDIA, with_answer=True)
 
 
+@pytest.mark.parametrize("media_cfg", [
+    TEST_MEDIA, data.MediaConfig(image_max_pixels=32 * 64, max_frames=4, video_max_pixels=32 * 64),
+    dataclasses.replace(TEST_MEDIA, sizing="easyr1"), dataclasses.replace(data.EVAL_MEDIA, sizing="qwen_vl_utils")])
+def test_prompt_length_from_headers_equals_the_encoded_prompt(suite_dir, tiny, media_cfg):
+    """prompt_length (media headers only, no decoding) == the token count encode_row gives, for image, video,
+    video + image and text rows, at budgets that keep and that shrink the media, under each sizing rule."""
+    _, processor = tiny
+    rows = data.load_rows(str(suite_dir / "rl.json")) + data.load_rows(str(suite_dir / "eval.json"))
+    assert {r["data_type"] for r in rows} == {"image", "video", "video-image", None}
+    for row in rows:
+        assert data.prompt_length(row, processor, media_cfg) == len(data.encode_row(row, processor, media_cfg)["ids"])
+
+
 def test_collate_error_names_row(suite_dir, tiny, tmp_path):
     _, processor = tiny
     row = dict(load(suite_dir, "rl.json")[0])
@@ -311,16 +349,19 @@ def test_collate_error_names_row(suite_dir, tiny, tmp_path):
 def test_sampler_covers_every_row_once_per_epoch(num_rows, world_size, strata):
     labels = ["image" if i % 3 else "video" for i in range(num_rows)] if strata else None
     samplers = [data.ShardedSampler(num_rows, rank, world_size, seed=5, strata=labels) for rank in range(world_size)]
-    for epoch in range(2):
+    for epoch in range(3):
         shards = [s.epoch_indices(epoch) for s in samplers]
         seen = [i for shard in shards for i in shard]
         assert sorted(seen) == list(range(num_rows))  # every row exactly once, across ranks
         assert max(map(len, shards)) - min(map(len, shards)) <= 1
-        assert [len(s) for s in samplers] == list(map(len, shards))
-    # the stream runs through epochs: each rank's first len() draws are its epoch-0 shard, then epoch 1's
+    # the stream runs through epochs: each rank draws its epoch-0 shard, then its epoch-1 shard, ...
     for s in samplers:
         drawn = s.next_batch(2 * len(s))
-        assert drawn == s.epoch_indices(0) + s.epoch_indices(1) and s.state_dict()["epoch"] == 1
+        assert drawn == sum((s.epoch_indices(e) for e in range(3)), [])[:len(drawn)] and s.epoch >= 1
+    # over all ranks, a round of one row each is the next world_size rows one process draws, epoch after epoch
+    fresh = [data.ShardedSampler(num_rows, rank, world_size, seed=5, strata=labels) for rank in range(world_size)]
+    rounds = [s.next_batch(1)[0] for _ in range(3 * num_rows) for s in fresh]
+    assert rounds == data.ShardedSampler(num_rows, seed=5, strata=labels).next_batch(3 * num_rows * world_size)
     assert data.ShardedSampler(num_rows, seed=5).epoch_indices(0) != data.ShardedSampler(num_rows, seed=5).epoch_indices(1)
     assert data.ShardedSampler(num_rows, shuffle=False).epoch_indices(3) == list(range(num_rows))
 
@@ -336,15 +377,33 @@ def test_sampler_strata_interleave():
 def test_sampler_resumes_exactly():
     a = data.ShardedSampler(11, rank=1, world_size=2, seed=3)
     a.next_batch(4)
-    a.next_batch(4)  # mid epoch 1 (5 rows per epoch on rank 1)
+    a.next_batch(4)  # mid epoch 1 (rank 1 takes the odd stream positions)
     state = a.state_dict()
-    assert (state["epoch"], state["position"]) == (1, 3)
+    assert (state["start"], state["drawn"], a.epoch) == (0, 8, 1)
     expected = a.next_batch(9)
     b = data.ShardedSampler(11, rank=1, world_size=2, seed=3)
     b.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON checkpoint
     assert b.next_batch(9) == expected
     with pytest.raises(ValueError, match="world_size"):
         data.ShardedSampler(11, rank=1, world_size=3, seed=3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("before, after", [(1, 2), (2, 1), (2, 3)])
+def test_sampler_resumes_on_another_number_of_ranks(before, after):
+    """W ranks draw 3 rounds (crossing an epoch of 7 rows); from their rank-independent position, W' ranks
+    draw the rows that one process would have drawn next, round after round."""
+    def rounds(samplers, n):
+        return [s.next_batch(1)[0] for _ in range(n) for s in samplers]
+
+    old = [data.ShardedSampler(7, r, before, seed=1) for r in range(before)]
+    rounds(old, 3)
+    consumed = old[0].state_dict()["start"] + min(s.state_dict()["drawn"] for s in old) * before
+    one = data.ShardedSampler(7, seed=1)
+    one.next_batch(consumed)
+    new = [data.ShardedSampler(7, r, after, seed=1) for r in range(after)]
+    for r, s in enumerate(new):
+        s.load_state_dict({**old[0].state_dict(), "global": {"consumed": consumed}})
+    assert rounds(new, 5) == one.next_batch(5 * after)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import eval as ev
+import memory
 from data import rle_encode
 
 
@@ -60,7 +61,7 @@ def test_spatial_grounding_metrics_and_media_missing_counts():
     m = ev.compute_metrics(rows, predictions)
     assert m["spatial grounding"]["acc@0.5"] == 0.5
     assert m["spatial grounding"]["mean_iou"] == pytest.approx((0.5 + 0.4 + 1.0 + 0) / 4)
-    assert m["all"] == {"rows": 4, "parse_failed": 0, "media_missing": 1, "sam2_failed": 0}
+    assert m["all"] == {"rows": 4, "parse_failed": 0, "media_missing": 1, "too_long": 0, "sam2_failed": 0}
 
 
 def test_spatial_temporal_grounding_boxes_over_common_seconds():
@@ -200,7 +201,7 @@ def test_sam2_image_rows(sam2, tmp_path):
     rows = [seg("square.png"), seg("square.png"), seg("absent.png"), seg("broken.png")]
     m = ev.compute_metrics(rows, [answer(SEG_IMAGE), "<answer>{}</answer>", answer(SEG_IMAGE), answer(SEG_IMAGE)],
                            media_root=str(tmp_path), sam2=sam2)
-    assert m["all"] == {"rows": 4, "parse_failed": 1, "media_missing": 2, "sam2_failed": 0,
+    assert m["all"] == {"rows": 4, "parse_failed": 1, "media_missing": 2, "too_long": 0, "sam2_failed": 0,
                         "note": ev.RANDOM_SAM2_NOTE}
     seg_m = m["segmentation/image"]
     assert 0.0 <= seg_m["giou"] <= 0.25 and 0.0 <= seg_m["ciou"] <= 0.25  # three of four rows score 0
@@ -275,7 +276,7 @@ def test_resumed_evaluation_skips_finished_rows_and_gives_the_same_metrics(suite
 
     ev.main(args)
     first = json.loads((tmp_path / "out" / "eval.metrics.json").read_text())["metrics"]
-    assert generated == [10, 11, 12]  # the row without media is not generated, and is counted
+    assert generated == [11, 12, 10]  # longest prompt first; the row without media is not generated, and is counted
     assert first["all"]["rows"] == 4 and first["all"]["media_missing"] == 1
     assert first["all"]["note"] == ev.RANDOM_SAM2_NOTE and "segmentation/image" in first
     table = capsys.readouterr().out
@@ -283,11 +284,38 @@ def test_resumed_evaluation_skips_finished_rows_and_gives_the_same_metrics(suite
 
     shard = tmp_path / "out" / "eval" / "rank0.jsonl"
     lines = shard.read_text().splitlines()
-    shard.write_text(lines[0] + "\n" + lines[1][:25])  # row 0 done; row 1's record cut short by a crash
+    shard.write_text(lines[0] + "\n" + lines[1][:25])  # row 11 done; row 12's record cut short by a crash
     generated.clear()
     ev.main(args)
-    assert generated == [11, 12]
+    assert generated == [12, 10]
     assert json.loads((tmp_path / "out" / "eval.metrics.json").read_text())["metrics"] == first
+
+
+def test_ranks_get_equal_tokens_not_equal_rows():
+    """A file of 4 long video rows then 12 short image rows on 2 ranks: dealing rows round-robin gives one rank
+    twice the other's tokens; assign_rows gives every row to one rank and loads within one row of each other."""
+    costs = {i: 20000 if i < 4 else 1500 for i in range(16)}
+    costs.update({1: 30000, 5: 2500})
+    shares = [ev.assign_rows(costs, rank, 2) for rank in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(16))
+    loads = [sum(costs[i] for i in share) for share in shares]
+    assert abs(loads[0] - loads[1]) <= max(costs.values())
+    round_robin = [sum(costs[i] for i in range(rank, 16, 2)) for rank in range(2)]
+    assert abs(round_robin[0] - round_robin[1]) > 2 * abs(loads[0] - loads[1])
+    assert all(costs[a] >= costs[b] for share in shares for a, b in zip(share, share[1:]))  # longest first
+
+
+def test_token_batches_keep_the_kv_cache_within_batch_tokens():
+    lengths = {0: 900, 1: 800, 2: 300, 3: 200, 4: None, 5: 100, 6: 100}  # 4: media missing, never generated
+    order = sorted(lengths, key=lambda i: -(lengths[i] or 0))
+    batches = ev.token_batches(order, lengths, batch_size=3, batch_tokens=4000, max_new_tokens=100)
+    assert sorted(i for b in batches for i in b) == sorted(lengths)
+    for batch in batches:
+        rows = [i for i in batch if lengths[i] is not None]
+        assert len(batch) <= 3
+        assert len(batch) == 1 or memory.kv_cache_slots(len(rows), max(lengths[i] for i in rows), 100) <= 4000
+    assert batches == [[0, 1], [2, 3, 5], [6, 4]]  # a third row of 1000 slots would make 4 rows (powers of 2)
+    assert ev.token_batches(order, lengths, 3, 0, 100) == [order[:3], order[3:6], order[6:]]  # no cap
 
 
 def test_prediction_mask_is_compared_at_the_annotation_size():

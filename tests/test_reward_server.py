@@ -1,5 +1,6 @@
 """The POLAR reward-model client against a real HTTP server on 127.0.0.1 that this test starts: good scores,
-a server slower than the timeout, HTTP 500, garbage JSON, NaN scores, and a refused connection."""
+a server slower than the timeout, HTTP 500, garbage JSON, NaN scores, a refused connection, and the circuit
+breaker in front of a server that keeps failing."""
 import http.server
 import json
 import socket
@@ -22,7 +23,7 @@ class PoolingHandler(http.server.BaseHTTPRequestHandler):
         self.server.requests.append((self.path, body))
         if self.path == "/slow":
             time.sleep(0.6)
-        if self.path == "/error":
+        if self.path == "/error" or (self.path == "/flaky" and self.server.flaky_fails):
             self.send_error(500, "model crashed")
             return
         scores = [float(text.split("<|reward|>")[1].count("good")) for text in body["input"]]
@@ -47,6 +48,7 @@ def server():
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PoolingHandler)
     httpd.daemon_threads = True
     httpd.requests = []
+    httpd.flaky_fails = True  # /flaky answers 500 while this is true, like /pooling otherwise
     httpd.handle_error = lambda request, address: None  # the slow handler writes to a client that gave up
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield httpd
@@ -67,6 +69,7 @@ def item(output, problem_id, reference="a good answer", problem="Describe it."):
 def clean(server):
     server.requests.clear()
     rewards.pop_counters()
+    rewards._BREAKERS.clear()
 
 
 def test_good_scores_are_normalised_per_problem_id(server):
@@ -144,3 +147,28 @@ def test_reward_model_is_off_by_default(server):
 def test_normalize_by_group():
     assert rewards.normalize_by_group([1.0, 2.0, 4.0, 5.0, 5.0, -3.0], ["a", "a", "a", None, None, 0]) == \
         pytest.approx([0.0, 1 / 3, 1.0, 1.0, 1.0, 1.0], abs=1e-6)
+
+
+def test_circuit_breaker_stops_calling_a_failing_server_until_the_cooldown(server, capsys):
+    """reward_model_breaker=2: two failed batches in a row open the breaker, the next batches go straight to ROUGE
+    (counted, and printed); after the cooldown one batch tries the server again, and a success closes it."""
+    items = [item("a good answer", i) for i in range(4)]  # 4 groups of one, one batch each
+    flaky = url(server, "/flaky")
+    args = dict(reward_model_url=flaky, reward_model_batch_size=1, reward_model_breaker=2,
+                reward_model_cooldown=3600.0, **FAST)
+    results = rewards.compute_score(items, **args)
+    assert [r["accuracy"] for r in results] == [1.0] * 4  # ROUGE, normalised within each group of one
+    assert len(server.requests) == 2 * 2  # batches 1 and 2, each tried twice (1 retry); 3 and 4 never sent
+    assert rewards.pop_counters() == {"rm_batches": 4, "rm_failed_batches": 2, "rm_retries": 2,
+                                      "rm_fallback_items": 4, "rm_breaker_items": 2}
+    out = capsys.readouterr().out
+    assert f"reward model at {flaky} failed 2 times" in out and "1 items scored by ROUGE" in out
+    assert f"reward model at {flaky}: 2 batches failed in a row; not called for 3600 s" in out
+
+    server.flaky_fails = False
+    rewards.compute_score(items, **args)
+    assert len(server.requests) == 4  # still open: nothing sent
+    rewards._BREAKERS[flaky]["open_until"] = 0.0  # the cooldown has passed
+    rewards.compute_score(items, **args)
+    assert len(server.requests) == 4 + 4 and rewards._BREAKERS[flaky]["failures"] == 0  # closed again
+    server.flaky_fails = True

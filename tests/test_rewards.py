@@ -4,6 +4,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -383,6 +385,36 @@ def test_adversarial_math_is_time_bounded():
     assert rewards.pop_counters().get("symbolic_timeouts", 0) >= 1
     # the worker was restarted and still answers correctly
     assert acc("\\frac{2}{4}", "0.5", "math") == 1.0
+
+
+def test_a_batch_of_adversarial_math_is_bounded_as_a_whole():
+    """math_batch_timeout: once the batch's time for symbolic checks is spent, the rest score 0 without asking
+    the worker (counted), instead of each costing math_timeout plus a worker restart."""
+    rewards.symbolic_equal("math", "1", "2")  # worker started outside the bound
+    rewards.pop_counters()
+    items = [{"response": tagged(f"2^(9^(9^{9 + i}))"), "ground_truth": "1", "problem_type": "math",
+              "data_type": "image"} for i in range(4)]
+    results = rewards.compute_score(items, math_timeout=5.0, math_batch_timeout=0.5)
+    assert [r["accuracy"] for r in results] == [0.0] * 4
+    assert rewards.pop_counters() == {"symbolic_timeouts": 1, "symbolic_skipped": 3}
+    assert acc("\\frac{3}{4}", "0.75", "math") == 1.0  # the restarted worker still answers
+
+
+def test_the_worker_survives_a_sigterm_to_the_process_group():
+    """A preemption signals the trainer's whole process group; the worker (its own session) must live on: a
+    worker killed in the middle of a request would score that right answer 0 in the step being checkpointed."""
+    script = "\n".join([
+        "import os, signal, time",
+        "import rewards",
+        "signal.signal(signal.SIGTERM, lambda *args: None)  # the trainer's flag",
+        "assert rewards.symbolic_equal('math', '\\\\frac{1}{2}', '0.5')",
+        "worker = rewards._worker",
+        "os.killpg(0, signal.SIGTERM)",
+        "time.sleep(1.0)  # let the signal reach every process of the group",
+        "print(worker.poll(), rewards._worker is worker, rewards.symbolic_equal('math', '\\\\frac{2}{4}', '0.5'))"])
+    proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.abspath(rewards.__file__)),
+                          start_new_session=True, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "None True True", proc.stdout + proc.stderr[-2000:]
 
 
 def test_adversarial_math_from_a_thread():

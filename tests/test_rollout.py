@@ -127,6 +127,57 @@ def test_shared_prompt_logprobs_equal_repeated_prompts(peaked, suite_dir):
         tiny_model.eval()
 
 
+def full_logits_logprobs(model, inputs, ids, mask, n):
+    """The pass token_logprobs replaced: one forward returning [R, T+1, vocab] logits, an fp32 log-softmax over
+    all of them."""
+    T = ids.shape[1]
+    counts = rollout.repeats(n, len(inputs["input_ids"]))
+    position_ids, next_pos = rollout.prompt_positions(model, inputs)
+    full = rollout.repeat_inputs(inputs, n)
+    prompt_mask = full["attention_mask"]
+    full["input_ids"] = torch.cat([full["input_ids"], ids], 1)
+    full["attention_mask"] = torch.cat([prompt_mask, mask], 1)
+    full["mm_token_type_ids"] = torch.nn.functional.pad(full["mm_token_type_ids"], (0, T))
+    position_ids = torch.cat([position_ids.repeat_interleave(counts, 1),
+                              rollout.response_positions(prompt_mask, next_pos, n, T)], 2)
+    logits = model(**full, position_ids=position_ids, logits_to_keep=T + 1).logits[:, :-1].float()  # [R, T, V]
+    logp = torch.log_softmax(rollout.no_media_tokens(model, logits), -1)
+    return logp.gather(-1, ids[..., None]).squeeze(-1) * mask
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_chunked_logprobs_equal_full_logits(peaked, suite_dir, monkeypatch, share):
+    """lm_head over 7 response tokens at a time, recomputed in backward == one pass over the full logits: values
+    and gradients, with 3, 1 and 2 responses for the three prompts (a micro-batch cut inside groups)."""
+    tiny_model, processor = peaked
+    monkeypatch.setattr(rollout, "LOGITS_CHUNK", 7)
+    inputs = mixed_batch(suite_dir, processor)
+    counts = [3, 1, 2]
+    gen = torch.Generator().manual_seed(2)
+    banned = set(processor.tokenizer.all_special_ids) | {tiny_model.config.image_token_id,
+                                                          tiny_model.config.video_token_id}
+    allowed = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in banned])
+    ids = allowed[torch.randint(len(allowed), (6, 10), generator=gen)]  # [R, T] text tokens only
+    mask = (torch.arange(10)[None] < torch.tensor([10, 4, 7, 1, 9, 6])[:, None]).long()  # [R, T] 47 tokens
+    weights = torch.randn(6, 10, generator=gen)  # a loss that weighs every token differently
+    results = []
+    for fn in (lambda: full_logits_logprobs(tiny_model, inputs, ids, mask, counts),
+               lambda: rollout.token_logprobs(tiny_model, inputs, ids, mask, counts, share_prompt=share)):
+        logp = fn()
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), {name: p.grad.clone() for name, p in tiny_model.named_parameters()
+                                        if p.grad is not None}))
+        tiny_model.zero_grad(set_to_none=True)
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, full, rtol=0, atol=1e-5)
+    assert (chunked[mask == 0] == 0).all() and (chunked[mask == 1] < 0).all()
+    assert full_grads.keys() == chunked_grads.keys()
+    assert "model.language_model.embed_tokens.weight" in full_grads  # lm_head (tied to the embeddings)
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], rtol=1e-3, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
 def test_repeat_inputs_equals_collating_repeated_rows(tiny, suite_dir):
     _, processor = tiny
     rows = data.load_rows(str(suite_dir / "rl.json"))

@@ -60,30 +60,38 @@ def rl_args(suite_dir, model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("rl_data") / "rl.json"
     path.write_text(json.dumps(rows))
     return [f"--model={model_dir}", f"--data={path}", f"--media_root={suite_dir}", "--prompts_per_step=2", "--group_size=4",
-            "--max_new_tokens=8", "--micro_batch_prompts=1", "--ppo_updates=2", "--lr=1e-3", "--max_refill_tries=2",
+            "--max_new_tokens=8", "--micro_batch_seqs=4", "--ppo_updates=2", "--lr=1e-3", "--max_refill_tries=2",
             "--image_max_pixels=6144", "--video_max_pixels=6144", "--max_frames=8", "--sample_every=1"]
 
 
-def micro_batch(tiny_model, processor, rows, n=2, seed=0):
-    """A PPO micro-batch for `rows` with random responses (no special or media tokens), old log-probs near the
-    current ones (some ratios leave the clip range) and advantages of both signs."""
+def random_groups(processor, rows, n=2, seed=0, length=6):
+    """A group per row: n random responses (no special or media tokens) of 2..length tokens, advantages of both
+    signs."""
     gen = torch.Generator().manual_seed(seed)
-    banned = set(processor.tokenizer.all_special_ids) | {tiny_model.config.image_token_id,
-                                                          tiny_model.config.video_token_id}
+    banned = set(processor.tokenizer.all_special_ids) | set(processor.tokenizer.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|video_pad|>"]))
     allowed = torch.tensor([i for i in range(len(processor.tokenizer)) if i not in banned])
     groups = []
     for row in rows:
-        ids = allowed[torch.randint(len(allowed), (n, 6), generator=gen)]  # [n, T]
-        mask = (torch.arange(6)[None] < torch.randint(2, 7, (n, 1), generator=gen)).long()  # [n, T]
+        ids = allowed[torch.randint(len(allowed), (n, length), generator=gen)]  # [n, T]
+        mask = (torch.arange(length)[None] < torch.randint(2, length + 1, (n, 1), generator=gen)).long()  # [n, T]
         groups.append({"row": row, "item": data.encode_row(row, processor, TEST_MEDIA), "response_ids": ids,
-                       "response_mask": mask})
-    cfg = train_rl.Config(group_size=n)
-    inputs, ids, mask = train_rl.micro_batch_inputs(groups, cfg, processor.tokenizer.pad_token_id, torch.device("cpu"))
+                       "response_mask": mask, "adv": torch.randn(n, generator=gen)})
+    return groups
+
+
+def micro_batch(tiny_model, processor, rows, n=2, seed=0):
+    """A PPO micro-batch of whole groups for `rows` (random_groups), with old log-probs near the current ones
+    (some ratios leave the clip range)."""
+    groups = random_groups(processor, rows, n, seed)
+    seqs = [(g, j) for g in groups for j in range(n)]
+    inputs, counts, ids, mask = train_rl.micro_batch_inputs(seqs, processor.tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
-        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, n)  # [mn, T]
+        logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, counts)  # [mn, T]
+    gen = torch.Generator().manual_seed(seed + 100)
     old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=gen)) * mask  # [mn, T]
-    adv = torch.randn(len(rows) * n, generator=gen)  # [mn]
-    return {"inputs": inputs, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
+    adv = torch.cat([g["adv"] for g in groups])  # [mn]
+    return {"inputs": inputs, "counts": counts, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
 
 
 # -----------------------------------------------------------------------------
@@ -91,10 +99,11 @@ def micro_batch(tiny_model, processor, rows, n=2, seed=0):
 
 
 def test_prefetched_batches_equal_the_synchronous_path(model_dir, suite_dir, tmp_path):
-    """draw_batch with a Prefetcher gives the rows and model inputs data.collate gives for the sampler's draws,
-    sends the next draw ahead (its rows are being encoded before they are asked for), leaves the sampler where
-    plain draws leave it, and raises a row's decode error where the row is drawn. The update's inputs are the
-    rollout's items, equal to collating the rows again."""
+    """draw_batch with a Prefetcher gives the rows and model inputs that data.draw_rows gives encoding inline on a
+    second sampler: the same rows, a row whose media do not decode recorded and replaced alike, the same encoded
+    prompts, the sampler left where plain draws leave it. It sends the next draw ahead (those rows are encoded
+    before they are asked for, on the background thread), and the update's inputs are the rollout's items, equal
+    to collating the rows again."""
     _, processor = model_lib.load_model(model_dir)
     rows = data.load_rows(str(suite_dir / "rl.json"))
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
@@ -108,32 +117,30 @@ def test_prefetched_batches_equal_the_synchronous_path(model_dir, suite_dir, tmp
         return data.encode_row(row, processor, TEST_MEDIA)
     prefetcher = train_rl.Prefetcher(encode_row)
     sampler, plain = (data.ShardedSampler(len(rows), seed=8) for _ in range(2))  # the bad row in the 3rd batch
-    bad, checked = rows[-1]["source"], 0
+    bad_rows, plain_bad = data.BadRows(), data.BadRows()
     try:
         for _ in range(4):
-            expected = [rows[i] for i in plain.next_batch(2)]
-            if bad in {row["source"] for row in expected}:
-                with pytest.raises(ValueError, match="corrupt image"):
-                    train_rl.draw_batch(rows, sampler, 2, prefetcher)
-                break
-            batch = train_rl.draw_batch(rows, sampler, 2, prefetcher)
-            assert [row for row, _ in batch] == expected and sampler.state_dict() == plain.state_dict()
-            reference = data.collate(expected, processor, TEST_MEDIA)
-            got = data.pad_batch([item for _, item in batch], processor.tokenizer.pad_token_id)
-            assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+            expected = data.draw_rows(rows, plain, 2, lambda row: data.encode_row(row, processor, TEST_MEDIA),
+                                      plain_bad)
+            batch = train_rl.draw_batch(rows, sampler, 2, prefetcher, bad_rows)
+            assert [row for row, _ in batch] == [row for row, _ in expected]
+            assert sampler.state_dict() == plain.state_dict() and bad_rows.errors == plain_bad.errors
+            for (_, got), (_, reference) in zip(batch, expected):
+                assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got
+                                                              if torch.is_tensor(got[k]))
             upcoming = [rows[i] for i in copy.deepcopy(plain).next_batch(2)]
             assert set(prefetcher.pending) == {row["source"] for row in upcoming}  # sent ahead
             groups = [{"row": row, "item": item, "response_ids": torch.ones(2, 3, dtype=torch.long),
                        "response_mask": torch.ones(2, 3, dtype=torch.long)} for row, item in batch]
-            inputs, _, _ = train_rl.micro_batch_inputs(groups, train_rl.Config(group_size=2),
-                                                       processor.tokenizer.pad_token_id, torch.device("cpu"))
-            assert all(torch.equal(inputs[k], reference[k]) for k in reference)
-            checked += 1
-        else:
-            pytest.fail("the corrupt row was never drawn")
+            seqs = [(g, j) for g in groups for j in range(2)]
+            inputs, counts, _, _ = train_rl.micro_batch_inputs(seqs, processor.tokenizer.pad_token_id,
+                                                               torch.device("cpu"))
+            reference = data.collate([row for row, _ in batch], processor, TEST_MEDIA)
+            assert counts == [2, 2] and all(torch.equal(inputs[k], reference[k]) for k in reference)
     finally:
         prefetcher.worker.shutdown(cancel_futures=True)
-    assert checked == 2 and set(threads.values()) == {"prefetch_0"}  # every encode ran on the background thread
+    assert list(bad_rows.errors) == [rows[-1]["source"]] and "corrupt image" in bad_rows.errors[rows[-1]["source"]]
+    assert set(threads.values()) == {"prefetch_0"}  # every encode ran on the background thread
 
 
 # -----------------------------------------------------------------------------
@@ -174,7 +181,7 @@ def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir
         mb = micro_batch(tiny_model, processor, rows[:2])
         if recompute:
             with torch.no_grad():
-                mb["old_logp"] = rollout.token_logprobs(tiny_model, mb["inputs"], mb["ids"], mb["mask"], cfg.group_size,
+                mb["old_logp"] = rollout.token_logprobs(tiny_model, mb["inputs"], mb["ids"], mb["mask"], mb["counts"],
                                                         cfg.share_prompt)
         else:
             mb["old_logp"] = None
@@ -186,6 +193,33 @@ def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir
         assert on_policy[key] == pytest.approx(recomputed[key], abs=1e-6), key
     for name in weights_a:
         torch.testing.assert_close(weights_b[name], weights_a[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_sequence_micro_batches_take_the_step_of_whole_groups(model_dir, suite_dir):
+    """Two PPO steps (ppo_updates=2: mini-batches of 2 groups and 1 group of 4 responses, old log-probs
+    recomputed) with micro_batch_seqs=4 (one group per micro-batch, as micro-batches of prompts were), 3 (groups
+    cut inside: a prompt's responses in two micro-batches) and 8 (a mini-batch at once): the same losses,
+    gradient norms and weights."""
+    rows = data.load_rows(str(suite_dir / "rl.json"))[:3]  # image, image, video
+    results = []
+    for seqs, micro_batches in ((4, [2, 1]), (3, [3, 2]), (8, [1, 1])):
+        tiny_model, processor = model_lib.load_model(model_dir)
+        groups = random_groups(processor, rows, n=4, seed=5, length=8)
+        cfg = train_rl.Config(group_size=4, micro_batch_seqs=seqs, ppo_updates=2)
+        mini_batches = train_rl.build_mini_batches(tiny_model, groups, cfg, processor.tokenizer.pad_token_id,
+                                                   torch.device("cpu"))
+        assert [len(m) for m in mini_batches] == micro_batches
+        assert [sum(len(mb["adv"]) for mb in m) for m in mini_batches] == [8, 4]
+        metrics = train_rl.update(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=20.0), mini_batches, cfg,
+                                  None)
+        results.append((metrics, tiny_model.state_dict()))
+    (reference, weights), others = results[0], results[1:]
+    assert reference["update_skipped"] == 0.0 and reference["grad_norm"] > 0 and reference["clip_frac"] > 0
+    for metrics, other_weights in others:
+        for key in ("loss", "grad_norm", "ratio", "clip_frac", "approx_kl", "entropy"):
+            assert metrics[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-6), key  # fp32 sums reordered
+        for name in weights:
+            torch.testing.assert_close(other_weights[name], weights[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_share_prompt_with_grad_checkpointing_is_refused(rl_args, tmp_path):
@@ -281,12 +315,30 @@ def test_filter_that_keeps_nothing_skips_the_update(rl_args, model_dir, tmp_path
         assert row["filter_keep_rate"] == 0.0 and row["skip_reason"] == "no groups kept after filtering"
         assert "loss" not in row and row["reward/all/overall"] >= 0
     _, extra = checkpoint_weights(model_dir, tmp_path / "ckpt" / "step_000002")
-    consumed = extra["sampler"]["epoch"] * 7 + extra["sampler"]["position"]  # 7 rows per epoch
-    assert consumed == 2 * 2 * 2  # steps x refill tries x prompts
+    assert extra["sampler"]["global"]["consumed"] == 2 * 2 * 2  # steps x refill tries x prompts
     start, _ = model_lib.load_model(model_dir)
     exported = exported_weights(tmp_path)
     for name, p in exported.items():
         assert torch.equal(p, start.state_dict()[name]), name
+
+
+def test_bf16_weights_train_two_steps(rl_args, model_dir, tmp_path):
+    """--param_dtype=bf16 (the release's bf16 weights and adamw_bf16): 2 steps on CPU update the bf16 weights; the
+    checkpoint holds KahanAdamW's bf16 moments and compensation, and the export is bf16."""
+    train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--max_steps=2", "--param_dtype=bf16", "--filter_groups=false",
+                             "--ppo_updates=1"])
+    metrics = read_metrics(tmp_path)
+    assert all(row["update_skipped"] == 0.0 for row in metrics.values())
+    assert any(row["grad_norm"] > 0 for row in metrics.values())  # a step whose rewards all tie has no gradient
+    start, _ = model_lib.load_model(model_dir, dtype=torch.bfloat16)
+    exported = exported_weights(tmp_path)
+    assert {p.dtype for p in exported.values()} == {torch.bfloat16}
+    assert any(not torch.equal(exported[name], p) for name, p in start.state_dict().items() if name in exported)
+    optimizer = common.KahanAdamW(start.parameters())
+    common.load_checkpoint(str(tmp_path / "ckpt" / "step_000002"), start, optimizer)
+    states = list(optimizer.state.values())
+    assert states and all(state["compensation"].dtype == torch.bfloat16 for state in states)
+    assert any(state["compensation"].abs().sum() > 0 for state in states)
 
 
 def test_kl_to_the_reference(rl_args, tmp_path):
