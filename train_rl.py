@@ -302,6 +302,19 @@ def collect_groups(model, prefetcher, rows, sampler, bad_rows, cfg, generator, d
     return [], rolled, tried, reward_error
 
 
+def assign_advantages(kept, tracker, cfg):
+    """Each kept group's "adv" [G]: the estimator's advantages over all kept groups at once, EMA-GRPO's task EMA
+    updated with every rank's kept scores first (ema_grpo.advantages, SPEC 5)."""
+    if not kept:
+        return
+    scores = torch.tensor([s["overall"] for g in kept for s in g["scores"]])  # [k*G]
+    group_ids = [i for i, g in enumerate(kept) for _ in g["scores"]]
+    task_keys = [data.task_key(g["row"]["problem_type"], g["row"]["data_type"]) for g in kept for _ in g["scores"]]
+    adv = ema_grpo.advantages(scores, group_ids, task_keys, tracker, cfg.estimator)  # [k*G]
+    for i, g in enumerate(kept):
+        g["adv"] = adv[i * cfg.group_size:(i + 1) * cfg.group_size]  # [G]
+
+
 def micro_batch_inputs(seqs, pad_id, device):
     """Model inputs for a micro-batch of sequences [(group, response index)] in group order: each prompt once
     (token_logprobs repeats it for its responses) as the rollout encoded it (no second media decode), responses
@@ -583,14 +596,7 @@ def main(argv):
 
         # --- advantages: the task EMA is updated with every rank's kept scores first (SPEC 5)
         t0 = time.perf_counter()
-        if kept:
-            scores = torch.tensor([s["overall"] for g in kept for s in g["scores"]])  # [k*G]
-            group_ids = [i for i, g in enumerate(kept) for _ in g["scores"]]
-            task_keys = [data.task_key(g["row"]["problem_type"], g["row"]["data_type"])
-                         for g in kept for _ in g["scores"]]
-            adv = ema_grpo.advantages(scores, group_ids, task_keys, tracker, cfg.estimator)  # [k*G]
-            for i, g in enumerate(kept):
-                g["adv"] = adv[i * cfg.group_size:(i + 1) * cfg.group_size]  # [G]
+        assign_advantages(kept, tracker, cfg)
         timing["advantage"] = time.perf_counter() - t0
 
         # --- old log-probs (only when ppo_updates > 1), then the update
