@@ -2,12 +2,13 @@
 Benchmarks: side-by-side timings printed as ratios (correctness lives in tests/). The last line of each is a
 one-line key=value summary.
 
-    python bench.py rollout [--model=runs/tiny-model] [--new_tokens=96] [--rounds=3]
+    python bench.py rollout [--model=runs/tiny-model] [--new_tokens=96] [--rounds=3]  # compiled, eager, HF
     python bench.py rewards [--per_type=300] [--rounds=5] [--seed=0]
     python bench.py memory [--hidden=64] [--response_tokens=1024] [--seqs=8]  # memory.py's plan vs measured peaks
     python bench.py rollout --help                       # each benchmark's keys with their comments
 """
 import dataclasses
+import functools
 import gc
 import json
 import multiprocessing
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from mathruler.grader import grade_answer
 from rouge_score import rouge_scorer
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 from transformers.video_utils import VideoMetadata
 
@@ -37,7 +39,7 @@ import rollout
 
 
 # -----------------------------------------------------------------------------
-# rollout: our generate (shared prefill, static cache, compacting decode) vs HF model.generate
+# rollout: our generate (shared prefill, bucketed cache, compiled or eager decode) vs HF model.generate
 
 def rollout_prompts(processor, count, seed=0):
     """`count` chat prompts cycling image / video / text-only, with questions of different lengths."""
@@ -65,24 +67,57 @@ def rollout_prompts(processor, count, seed=0):
     return processor(text=texts, padding=True, return_tensors="pt", **media)
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops that compute (views excluded): in eager mode, one kernel launch each."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(model, processor):
+    """(ops of one eager decode step, of which per layer): the step counted with all layers and with one."""
+    inputs = rollout_prompts(processor, 2)
+    P, lm = inputs["input_ids"].shape[1], model.model.language_model
+    out = model(**inputs, position_ids=rollout.prompt_positions(model, inputs)[0], use_cache=True)
+    cache, key_mask = rollout.resize_cache([(layer.keys, layer.values) for layer in out.past_key_values.layers],
+                                           inputs["attention_mask"].bool(), torch.arange(2), P + 1, static=False)
+    counts, layers = [], lm.layers
+    for keep in (len(layers), 1):
+        lm.layers = layers[:keep]
+        with CountOps() as counter:
+            rollout.decode_and_sample(model, torch.zeros(2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
+                                      cache, torch.tensor([P]), key_mask, P + 1, torch.rand(2, 1), 1.0, 1.0, 0)
+        counts.append(counter.count)
+    lm.layers = layers
+    return counts[0], (counts[0] - counts[1]) // (len(layers) - 1)
+
+
 @dataclass
 class RolloutConfig:
     model: str = model_lib.DEFAULT_MODEL_DIR  # the tiny model is built if missing
-    new_tokens: int = 96  # tokens generated per row (EOS suppressed on both sides)
-    rounds: int = 3  # timed rounds per side; the best counts
+    new_tokens: int = 96  # tokens generated per row (EOS suppressed on every side)
+    rounds: int = 3  # timed rounds per side; the median counts
 
 
 def bench_rollout(argv):
+    """Our generate with the compiled decode step, our eager loop, and HF model.generate, on the same batches in
+    one process: 16 prompts x 4 samples and 1 x 1. The compilation (first compiled calls) is timed on its own line
+    and excluded. The last line's ratio= is compiled / HF tokens per second at 16 x 4."""
     args = dataclasses.asdict(common.parse_config(RolloutConfig, argv))
     model, processor = model_lib.load_model(model_lib.ensure_model(args["model"]))
     model.eval()
     banned = [model.config.image_token_id, model.config.video_token_id]
     print(f"model {args['model']}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-          f"torch threads {torch.get_num_threads()}, sampling at temperature 1, EOS suppressed in both")
+          f"torch threads {torch.get_num_threads()}, sampling at temperature 1, EOS suppressed on every side")
 
-    def ours(inputs, n, new_tokens):
+    def ours(inputs, n, new_tokens, compile):
         rollout.generate(model, inputs, n=n, max_new_tokens=new_tokens, temperature=1.0,
-                         generator=torch.Generator().manual_seed(0), eos_token_ids=[])
+                         generator=torch.Generator().manual_seed(0), eos_token_ids=[], compile=compile)
 
     def hf(inputs, n, new_tokens):
         # num_return_sequences repeats the prompt rows (and their media) before the prefill, as HF does
@@ -90,36 +125,48 @@ def bench_rollout(argv):
                        min_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, suppress_tokens=banned,
                        pad_token_id=processor.tokenizer.pad_token_id)
 
+    with torch.no_grad():
+        ops, per_layer = decode_ops(model, processor)
+    print(f"eager decode step: {ops} aten ops a token, {per_layer} per layer (each a kernel launch; the compiled "
+          f"step replays them as one CUDA graph on GPU)")
+    sides = {"compiled": functools.partial(ours, compile=True), "eager": functools.partial(ours, compile=False),
+             "hf": hf}
+    shapes = {(B, n): rollout_prompts(processor, B) for B, n in ((16, 4), (1, 1))}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for (B, n), inputs in shapes.items():  # dynamic shapes: one graph for many rows, one for a single row
+            sides["compiled"](inputs, n, 4)
+    print(f"compile {time.perf_counter() - t0:.1f}s (the first compiled calls, both batch shapes; excluded below)")
     summary = {}
-    for B, n in ((16, 4), (1, 1)):
-        inputs = rollout_prompts(processor, B)
+    for (B, n), inputs in shapes.items():
         N = args["new_tokens"]
-        times = {(name, k): [] for name in ("ours", "hf") for k in ("full", "prefill")}
+        times = {(name, k): [] for name in sides for k in ("full", "prefill")}
         with torch.no_grad():
-            ours(inputs, n, 4), hf(inputs, n, 4)  # warm-up
+            for fn in sides.values():
+                fn(inputs, n, 4)  # warm-up
             for r in range(args["rounds"]):
-                # alternate the order so neither side always runs on a warmer machine
-                for name in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
-                    fn = ours if name == "ours" else hf
+                # rotate the order so no side always runs on a warmer (or busier) machine
+                for name in list(sides)[r % 3:] + list(sides)[:r % 3]:
                     for k, new_tokens in (("full", N), ("prefill", 1)):
                         t0 = time.perf_counter()
-                        fn(inputs, n, new_tokens)
+                        sides[name](inputs, n, new_tokens)
                         times[(name, k)].append(time.perf_counter() - t0)
         med = {key: statistics.median(v) for key, v in times.items()}
-        tokens = B * n * N
-        tok_s = {name: tokens / med[(name, "full")] for name in ("ours", "hf")}
-        ratio = tok_s["ours"] / tok_s["hf"]
+        tok_s = {name: B * n * N / med[(name, "full")] for name in sides}
         print(f"batch {B} prompts x {n} samples, prompt len {inputs['input_ids'].shape[1]}, {N} new tokens:")
-        for name in ("ours", "hf"):
+        for name in sides:
             prefill = med[(name, "prefill")]
             decode = med[(name, "full")] - prefill
-            print(f"  {name:4s} {tok_s[name]:8.0f} tok/s  total {med[(name, 'full')]:.3f}s  prefill+1 {prefill:.3f}s  "
+            print(f"  {name:8s} {tok_s[name]:8.0f} tok/s  total {med[(name, 'full')]:.3f}s  prefill+1 {prefill:.3f}s  "
                   f"decode {decode:.3f}s ({1000 * decode / (N - 1):.2f} ms/step)")
-        print(f"  ratio ours/hf {ratio:.2f}x")
-        tag = f"b{B}x{n}"
-        summary.update({f"{tag}_ratio": f"{ratio:.2f}", f"{tag}_ours_tok_s": f"{tok_s['ours']:.0f}",
-                        f"{tag}_hf_tok_s": f"{tok_s['hf']:.0f}"})
-    print(f"bench=rollout new_tokens={args['new_tokens']} " + " ".join(f"{k}={v}" for k, v in summary.items()))
+        ratios = {"compiled_hf": tok_s["compiled"] / tok_s["hf"], "compiled_eager": tok_s["compiled"] / tok_s["eager"],
+                  "eager_hf": tok_s["eager"] / tok_s["hf"]}
+        print("  " + "  ".join(f"{key.replace('_', '/')} {value:.2f}x" for key, value in ratios.items()))
+        summary.update({f"b{B}x{n}_{key}": f"{value:.2f}" for key, value in ratios.items()})
+        summary.update({f"b{B}x{n}_{name}_tok_s": f"{tok_s[name]:.0f}" for name in sides})
+    print(f"bench=rollout new_tokens={args['new_tokens']} ops_per_layer={per_layer} "
+          + " ".join(f"{k}={v}" for k, v in summary.items())
+          + f" ratio={summary['b16x4_compiled_hf']}")
 
 
 # -----------------------------------------------------------------------------

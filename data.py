@@ -22,6 +22,7 @@ import av
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as video_smart_resize
 from transformers.video_utils import VideoMetadata
 
@@ -440,26 +441,36 @@ def normalise_row(row, index, path, media_root, check_media=True, allow_outside_
 def load_rows(path, media_root=None, skip_bad_rows=False, check_media=True, allow_outside_root=False):
     """Rows of a JSON list / JSONL file in any of the three released shapes, validated and normalised.
 
-    media_root defaults to the file's directory. A bad row raises ValueError naming file, row, field, value;
-    with skip_bad_rows=True bad rows are dropped and counted in one printed line. check_media=False only checks
-    that media files exist (for very large files; decoding still fails loudly later, naming the row).
+    media_root defaults to the file's directory. A bad row raises ValueError naming file, row, field, value (the
+    first bad row of the file); with skip_bad_rows=True bad rows are dropped and counted in one printed line.
+    check_media=True also opens every media file's header (check_media_file), the rows split over ranks (rank r
+    opens those of rows r, r + W, ...; collective: every rank calls load_rows) with a progress bar on rank 0.
+    check_media=False only checks that media files exist (for very large files; decoding still fails at run
+    time, naming the row).
     """
     media_root = os.path.dirname(os.path.abspath(path)) if media_root is None else media_root
     raw = read_json_rows(path)
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a JSON list of rows (or JSONL), got {type(raw).__name__}")
-    rows, errors = [], []
-    for index, row in enumerate(raw):
+    rank, world_size = common._rank(), common._world_size()
+    rows, errors = {}, {}  # by row index
+    bar = tqdm(raw, desc=f"checking media of {os.path.basename(path)} ({world_size} rank(s))", unit="row",
+               disable=not check_media or rank != 0, dynamic_ncols=True)
+    for index, row in enumerate(bar):
         try:
-            rows.append(normalise_row(row, index, path, media_root, check_media, allow_outside_root))
+            rows[index] = normalise_row(row, index, path, media_root, check_media and index % world_size == rank,
+                                        allow_outside_root)
         except ValueError as e:
-            if not skip_bad_rows:
-                raise
-            errors.append(str(e).removeprefix(f"{path}: "))
+            errors[index] = str(e)
+    if check_media:  # every rank learns what the others found in their share
+        errors.update(common.all_gather_list(errors.items()))
+    if errors and not skip_bad_rows:
+        raise ValueError(errors[min(errors)])
     if errors:
-        shown = ", ".join(errors[:3]) + (", ..." if len(errors) > 3 else "")
-        print(f"skipped {len(errors)} of {len(raw)} rows of {path}: {shown}")
-    return rows
+        shown = [errors[i].removeprefix(f"{path}: ") for i in sorted(errors)[:3]]
+        print(f"skipped {len(errors)} of {len(raw)} rows of {path}: {', '.join(shown)}"
+              + (", ..." if len(errors) > 3 else ""))
+    return [row for index, row in rows.items() if index not in errors]
 
 
 def ground_truth(row):

@@ -73,11 +73,13 @@ class Config:
     model: str = model_lib.DEFAULT_MODEL_DIR  # a save_pretrained directory; the default tiny model is built if missing
     data: str = "data/shapes/eval.json"  # one or more eval files, comma-separated
     media_root: str | None = None  # folder the rows' media paths are relative to; None: each data file's folder
+    check_media: bool = True  # open every media file's header before generating (false: only that it exists)
     allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
     out_dir: str | None = None  # None: runs/eval/<model folder name>
     batch_size: int = 16
     batch_tokens: int = 0  # cap on a batch's KV cache in token slots (memory.kv_cache_slots); 0: batch_size alone
     max_new_tokens: int = 512
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU; same tokens); false: the eager loop
     prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
     limit: int = 0  # evaluate the first N rows of each file; 0 = all
     bf16: bool = True  # bf16 weights on GPU (flash-attn needs them); CPU always runs fp32
@@ -94,10 +96,11 @@ class Config:
     plan: bool = False  # print the per-GPU memory plan of this config for Qwen3-VL-8B (memory.py) and exit
 
 
-# the release's eval settings; its media minimums are qwen-vl-utils' defaults (eval_bench passes none): 4 merged
-# tokens an image, 128 a video frame. batch_tokens sized by memory.py for 80 GB (`--preset=release --plan=true`):
-# 4 rows of the longest video prompt per batch (8 fit 141 GB: --batch_tokens=262144)
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072, prompt_template="release",
+# the release's eval settings (and our decode step compiled); its media minimums are qwen-vl-utils' defaults
+# (eval_bench passes none): 4 merged tokens an image, 128 a video frame. batch_tokens sized by memory.py for 80 GB
+# (`--preset=release --plan=true`): 4 rows of the longest video prompt per batch (8 fit 141 GB: --batch_tokens=262144)
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072, compile=True,
+                           prompt_template="release",
                            sizing="qwen_vl_utils", image_min_pixels=4 * 32 * 32, video_min_pixels=128 * 32 * 32)}
 # counted per task, each scores 0: no parsable answer; media missing or not decodable; the prompt leaves no room
 # for max_new_tokens in the model context; SAM2 raised
@@ -641,7 +644,7 @@ def end_with_newline(path):
                 f.write(b"\n")
 
 
-def load_eval_rows(path, media_root, allow_outside_root=False):
+def load_eval_rows(path, media_root, check_media=True, allow_outside_root=False):
     """data.load_rows's validation, except that a row with a missing media file is kept and marked
     `media_missing` (SPEC 7: it scores 0 and is counted, never dropped)."""
     rows = []
@@ -652,7 +655,7 @@ def load_eval_rows(path, media_root, allow_outside_root=False):
         if files and not all(os.path.isfile(f) for f in files):
             rows.append({**raw, "media_missing": True})
         else:
-            rows.append(data.normalise_row(raw, index, path, media_root, allow_outside_root=allow_outside_root))
+            rows.append(data.normalise_row(raw, index, path, media_root, check_media, allow_outside_root))
     return rows
 
 
@@ -711,7 +714,8 @@ def generate_batch(model, processor, rows, cfg, templates, device):
     inputs = data.pad_batch(list(items.values()), processor.tokenizer.pad_token_id)
     out = rollout.generate(model, {k: v.to(device) for k, v in inputs.items()}, n=1,
                            max_new_tokens=cfg.max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, generator=None,
-                           eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer))
+                           eos_token_ids=model_lib.stop_token_ids(model, processor.tokenizer),
+                           compile=cfg.compile)
     ids, mask = out["response_ids"].cpu(), out["response_mask"].cpu().bool()  # [B, T]
     for j, i in enumerate(items):
         results[i] = {"response": processor.tokenizer.decode(ids[j][mask[j]], skip_special_tokens=True),
@@ -750,7 +754,7 @@ def output_dir(cfg):
 def evaluate_file(cfg, path, model, processor, templates, rank, world_size, device, sam2_cache):
     """Generate and score this rank's unfinished rows of one eval file; rank 0 returns the file's metrics."""
     media_root = cfg.media_root or os.path.dirname(os.path.abspath(path))
-    rows = load_eval_rows(path, media_root, cfg.allow_media_outside_root)
+    rows = load_eval_rows(path, media_root, cfg.check_media, cfg.allow_media_outside_root)
     rows = rows[:cfg.limit] if cfg.limit else rows
     folder = os.path.join(output_dir(cfg), os.path.splitext(os.path.basename(path))[0])
     done = read_records(folder)

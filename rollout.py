@@ -6,12 +6,15 @@ Rollout: batched generation for image, video and text prompts with a KV cache, p
 
 How a rollout runs (one screen each below):
 1. prefill: the left-padded prompt batch goes once through the HF forward (vision tower, deepstack, 3D rope
-   positions computed here once); its KV cache is copied n times into a preallocated static cache.
+   positions computed here once); its KV cache is copied to the n samples of each prompt, in a cache whose rows
+   and length are powers of two, grown as decoding goes (generate's docstring has the rule).
 2. decode: one token per step through our own decode step, which calls the model's own layers (norms,
-   projections, MLP, rotary) on the cached keys/values. Rows that stop are dropped from the batch and the cache,
-   so a finished row costs nothing. Equivalence with `model.generate` is tested in tests/test_rollout.py.
+   projections, MLP, rotary) on the cached keys/values. Rows that stop are ignored, and dropped from the batch
+   and the cache once the rest fit half of it. compile=True runs the step through torch.compile (CUDA graphs on
+   GPU: one graph replay per token instead of a kernel launch per operation). Equivalence with
+   `model.generate`, eager and compiled, is tested in tests/test_rollout.py.
 3. sampling: `sample` is a pure function of logits and a torch.Generator (temperature, top-k, top-p, or greedy
-   at temperature 0).
+   at temperature 0); the compiled step takes its uniforms from outside (`sample_with`).
 
 Log-probs are of the sampled tokens under the raw (temperature 1, unfiltered) distribution: that is what the
 PPO ratio uses (train_rl.py recomputes them with `token_logprobs` when it takes several updates per rollout),
@@ -23,6 +26,7 @@ Under FSDP2 the prefill is an ordinary sharded forward and the decode loop runs 
 once (`gathered_params`): no collective per token. The same code runs in one process without FSDP.
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -88,10 +92,17 @@ def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
 
     Inverse-CDF sampling: exactly one uniform per row, drawn in row order from `generator`. So a step consumes
     the generator identically whatever the logits are, and two runs with the same rows and seed draw the same
-    tokens, however their prompts were prefilled. top-k, then top-p on the renormalised top-k mass.
+    tokens, however their prompts were prefilled.
     """
     if temperature == 0:
         return logits.argmax(-1)
+    u = torch.rand(len(logits), 1, generator=generator, device=logits.device)  # [A, 1]
+    return sample_with(logits, u, temperature, top_p, top_k)
+
+
+def sample_with(logits, u, temperature, top_p, top_k):
+    """`sample` given its uniforms u [A, 1] in [0, 1): the part the compiled decode step runs (it cannot draw
+    from a torch.Generator). top-k, then top-p on the renormalised top-k mass."""
     probs = torch.softmax(logits.float() / temperature, -1)  # [A, V]
     order = None
     if top_k > 0 or top_p < 1.0:  # sort only when filtering: a sort costs more than the rest of this on CPU
@@ -102,8 +113,8 @@ def sample(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None):
             mass_before = (probs.cumsum(-1) - probs) / probs.sum(-1, keepdim=True)  # [A, V]
             probs = probs.masked_fill(mass_before >= top_p, 0)  # the smallest prefix holding top_p of the mass
     cdf = probs.cumsum(-1)  # [A, V]
-    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]  # [A, 1]
-    index = torch.searchsorted(cdf, u, right=True)  # [A, 1] first token whose cdf exceeds u: never a 0-prob one
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [A, 1] first token whose cdf exceeds u:
+    # never a 0-probability one
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [A, 1] in case u rounded up
     index = torch.minimum(index, last)
     return (index if order is None else order.gather(-1, index)).squeeze(-1)  # [A]
@@ -134,7 +145,8 @@ def gathered_params(model):
     (2.2 GB sharded), next to the sharded training state (fp32 params 4.4 GB + AdamW moments 8.8 GB; grads are
     freed before a rollout) and the KV cache: 36 layers x 8 KV heads x 128 dims x 2 (K, V) x 2 bytes = 147 KB
     per token and row, prompt included (it is copied to each of the n samples); 32 rows x 4k tokens = 19 GB.
-    About 50 GB in all: size rollout micro-batches (rows x (prompt + max_new_tokens)) for the cache.
+    About 50 GB in all: size rollout micro-batches for the cache's worst case, rows x bucket(prompt +
+    max_new_tokens) (it grows to that only when a row runs that long; generate's growth rule).
     """
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for module in fsdp_modules:
@@ -147,39 +159,87 @@ def gathered_params(model):
 
 
 # -----------------------------------------------------------------------------
-# decode step: one token per row against the static cache
+# decode step: one token per row against a cache of bucketed shape
 
 def rotate(x, cos, sin):
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def decode_step(model, tokens, next_pos, kv, slot, key_mask):
-    """Logits [A, V] for one new token per row. tokens [A], next_pos [3, A] its rope position, kv the static
-    cache [layers, 2, A, kv_heads, S, head_dim] (this token's K/V written at `slot`), key_mask [A, S] bool.
+def decode_step(model, tokens, positions, cache, slot, key_mask, length):
+    """Logits [A, V] for one new token per row. tokens [A], positions [3, A] their rope positions, cache a list of
+    (keys, values) per layer, each [A, kv_heads, S, head_dim], this token's K/V written at `slot` (a [1] long
+    tensor), key_mask [A, S] bool (which cached keys a row attends to; columns after `slot` are ignored).
 
     The same layers as the HF forward, called part by part: skips the mask building, output capturing and
     cache bookkeeping that dominate a one-token forward on small batches. Deepstack adds vision features at
-    vision positions only, so decode (text tokens) has none.
+    vision positions only, so decode (text tokens) has none. Attention reads the first `length` slots: the eager
+    loop passes the filled ones, the compiled step the whole bucket S, so that with the slot a tensor every shape
+    is fixed by (A, S) and CUDA graphs replay one graph per bucket (`compiled_step`). It is written out (two
+    matmuls and a masked softmax, fp32) for one query per row, where SDPA would need its [A, Hq, 1, S] mask.
     """
     lm = model.model.language_model
     h = lm.embed_tokens(tokens)[:, None]  # [A, 1, H]
-    cos, sin = lm.rotary_emb(h, next_pos[:, :, None])  # [A, 1, D] each
+    cos, sin = lm.rotary_emb(h, positions[:, :, None])  # [A, 1, D] each
     cos, sin = cos[:, None], sin[:, None]  # [A, 1, 1, D] broadcast over heads
-    mask = key_mask[:, None, None, :slot + 1]  # [A, 1, 1, slot+1]
-    for i, layer in enumerate(lm.layers):
+    mask = key_mask[:, :length] & (torch.arange(length, device=tokens.device) <= slot)  # [A, length]
+    for layer, (keys, values) in zip(lm.layers, cache):
         attn = layer.self_attn
         x = layer.input_layernorm(h)  # [A, 1, H]
         q = attn.q_norm(attn.q_proj(x).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)  # [A, Hq, 1, D]
         k = attn.k_norm(attn.k_proj(x).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)  # [A, Hkv, 1, D]
         v = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [A, Hkv, 1, D]
-        kv[i, 0, :, :, slot] = rotate(k, cos, sin)[:, :, 0]
-        kv[i, 1, :, :, slot] = v[:, :, 0]
-        y = F.scaled_dot_product_attention(rotate(q, cos, sin), kv[i, 0, :, :, :slot + 1], kv[i, 1, :, :, :slot + 1],
-                                           attn_mask=mask, scale=attn.scaling, enable_gqa=True)  # [A, Hq, 1, D]
-        h = h + attn.o_proj(y.transpose(1, 2).flatten(2))  # [A, 1, H]
+        keys.index_copy_(2, slot, rotate(k, cos, sin))  # in place on the whole tensor: inductor keeps it so
+        values.index_copy_(2, slot, v)
+        q = rotate(q, cos, sin).unflatten(1, (keys.shape[1], -1)).squeeze(3)  # [A, Hkv, Hq/Hkv, D]
+        scores = (q @ keys[:, :, :length].transpose(2, 3)) * attn.scaling  # [A, Hkv, Hq/Hkv, length]
+        scores = scores.masked_fill(~mask[:, None, None], float("-inf")).float().softmax(-1)
+        y = (scores.to(values.dtype) @ values[:, :, :length]).flatten(1, 2)  # [A, Hq, D]
+        h = h + attn.o_proj(y.flatten(1))[:, None]  # [A, 1, H]
         h = h + layer.mlp(layer.post_attention_layernorm(h))  # [A, 1, H]
     return model.lm_head(lm.norm(h))[:, 0].float()  # [A, V]
+
+
+def decode_and_sample(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k):
+    """One decode step and its sampling: the next tokens [A] (greedy when u is None, else `sample_with`) and their
+    raw log-probs [A] (temperature 1, unfiltered, media tokens excluded). What `compiled_step` compiles."""
+    logits = no_media_tokens(model, decode_step(model, tokens, positions, cache, slot, key_mask, length))  # [A, V]
+    new = logits.argmax(-1) if u is None else sample_with(logits, u, temperature, top_p, top_k)  # [A]
+    return new, logits.gather(-1, new[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+@functools.cache
+def compiled_step(device_type):
+    """decode_and_sample under torch.compile: on GPU mode="reduce-overhead" (CUDA graphs: the step's kernels
+    replayed as one graph), on CPU inductor's default mode (fused C++ loops). dynamic=True: one compilation
+    serves every (rows, cache length) bucket, and one more a single row (torch specializes sizes of 1); CUDA
+    graphs still record one graph per bucket, which is why the shapes are bucketed."""
+    return torch.compile(decode_and_sample, dynamic=True, mode="reduce-overhead" if device_type == "cuda" else None)
+
+
+def bucket(n):
+    """The next power of two >= n: the row counts and cache lengths the decode loop takes."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def resize_cache(cache, key_mask, keep, length, static):
+    """A new cache holding rows `keep` (a [A'] index) of `cache` and `length` slots; what it had past its old length
+    is zeros with key_mask True (generated positions: every row attends to its own). static: mark the new tensors
+    as fixed addresses for CUDA graphs (they are written in place inside the graph)."""
+    copy = min(length, key_mask.shape[1])  # slots kept
+    new_mask = torch.ones(len(keep), length, dtype=torch.bool, device=key_mask.device)  # [A', S']
+    new_mask[:, :copy] = key_mask[keep, :copy]
+    new_cache = []
+    for keys, values in cache:
+        pair = []
+        for old in (keys, values):
+            new = old.new_zeros(len(keep), old.shape[1], length, old.shape[3])  # [A', Hkv, S', D]
+            new[:, :, :copy] = old[keep, :, :copy]
+            if static:
+                torch._dynamo.mark_static_address(new)
+            pair.append(new)
+        new_cache.append(tuple(pair))
+    return new_cache, new_mask
 
 
 # -----------------------------------------------------------------------------
@@ -187,7 +247,7 @@ def decode_step(model, tokens, next_pos, kv, slot, key_mask):
 
 @torch.no_grad()
 def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, generator=None,
-             eos_token_ids):
+             eos_token_ids, compile=False):
     """n samples for each of the B left-padded prompts in `inputs` (the HF forward's dict of tensors).
 
     Returns response_ids [B*n, T] (T = longest response; padded with eos_token_ids[0] after a row's end),
@@ -196,68 +256,99 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
     the sampled tokens, 0 on padding: the sampler's own view, which the tests hold equal to token_logprobs;
     train_rl recomputes old log-probs with the training forward, as released). Row i*n+j is sample j of prompt
     i. An empty eos_token_ids never stops early.
-    `generator` (a torch.Generator on the model's device, or None for the global RNG) is used only by `sample`.
-    With the same seed, generate(inputs, n=k) == generate(repeat_inputs(inputs, k), n=1) (see `sample`).
+    `generator` (a torch.Generator on the model's device, or None for the global RNG) is used only for the
+    uniforms of `sample`: one per unfinished row per step, in row order, so with the same seed
+    generate(inputs, n=k) == generate(repeat_inputs(inputs, k), n=1).
+    compile=True runs each decode step through `compiled_step` (same tokens, log-probs equal within float
+    rounding; tested); the first calls pay the compilation (`bench.py rollout` prints how long).
+
+    KV cache growth rule (memory.py models it): the cache holds A rows x S slots per layer, K and V each
+    [A, kv_heads, S, head_dim], with A = bucket(unfinished rows) (<= bucket(B*n)) and S = bucket(P + t + 2) at
+    decode step t (P the padded prompt length, P + t + 1 slots written): the next power of two above what is
+    needed so far, never B*n x (P + max_new_tokens) up front. One slot stays free so that attention over the
+    written slots (all but CUDA graphs) is never a slice as long as the cache, which torch.compile would
+    compile apart. The cache is reallocated when decoding reaches that free slot (S doubles) or when the
+    unfinished rows fit half of A (finished rows are dropped); during that copy the old and new caches both
+    live (old + new: 1.5x the new size when S doubles). Between reallocations finished rows stay in the batch
+    and are computed and ignored (at most half the rows), which keeps every step's shapes fixed.
     """
     if n < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"rollout: bad sampling arguments n={n} max_new_tokens={max_new_tokens} "
                          f"temperature={temperature} top_p={top_p} top_k={top_k}")
     check_prompts(model, inputs, max_new_tokens)
-    prompt_ids, prompt_mask = inputs["input_ids"], inputs["attention_mask"]
-    B, P = prompt_ids.shape
-    device = prompt_ids.device
+    B, P = inputs["input_ids"].shape
+    Bn, device = B * n, inputs["input_ids"].device
     pad_id = eos_token_ids[0] if len(eos_token_ids) else 0
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
-    response_ids = torch.full((B * n, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [Bn, T]
-    logprobs = torch.zeros(B * n, max_new_tokens, device=device)  # [Bn, T]
-    lengths = torch.full((B * n,), max_new_tokens, dtype=torch.long, device=device)  # [Bn]
-    finish_reasons = ["length"] * (B * n)
+    # one row more than the output: finished and padding rows of the batch write their tokens there
+    response_ids = torch.full((Bn + 1, max_new_tokens), pad_id, dtype=torch.long, device=device)  # [Bn+1, T]
+    logprobs = torch.zeros(Bn + 1, max_new_tokens, device=device)  # [Bn+1, T]
+    lengths = torch.full((Bn + 1,), max_new_tokens, dtype=torch.long, device=device)  # [Bn+1]
+    stopped = torch.zeros(Bn + 1, dtype=torch.bool, device=device)  # [Bn+1] an EOS id was sampled
     if max_new_tokens == 0:
-        return dict(response_ids=response_ids, logprobs=logprobs,
-                    response_mask=response_ids.clone().zero_(), finish_reasons=finish_reasons)
+        return dict(response_ids=response_ids[:Bn], logprobs=logprobs[:Bn],
+                    response_mask=response_ids[:Bn].clone().zero_(), finish_reasons=["length"] * Bn)
 
-    # --- prefill: once per prompt, then its cache rows are copied to the n samples
+    # --- prefill: once per prompt; its cache rows go to the n samples (and to the padding rows of the bucket)
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
     out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
-    logits = no_media_tokens(model, out.logits[:, -1].float()).repeat_interleave(n, 0)  # [Bn, V]
-    layers = out.past_key_values.layers
-    k0 = layers[0].keys  # [B, Hkv, P, D]
-    kv = k0.new_empty(len(layers), 2, B * n, k0.shape[1], P + max_new_tokens, k0.shape[3])  # [L, 2, Bn, Hkv, S, D]
-    for i, layer in enumerate(layers):
-        kv[i, 0, :, :, :P] = layer.keys.repeat_interleave(n, 0)
-        kv[i, 1, :, :, :P] = layer.values.repeat_interleave(n, 0)
-    del out, layers
-    key_mask = torch.ones(B * n, P + max_new_tokens, dtype=torch.bool, device=device)  # [Bn, S]
-    key_mask[:, :P] = prompt_mask.bool().repeat_interleave(n, 0)
-    # padded slots are never attended, but zero them so no stray NaN/inf there can leak in as 0 * x
-    kv[:, :, :, :, :P].masked_fill_(~key_mask[None, None, :, None, :P, None], 0)
-    next_pos = next_pos.repeat_interleave(n, 1)  # [3, Bn]
-    rows = torch.arange(B * n, device=device)  # [A] output row of each active row
+    step = compiled_step(device.type) if compile else decode_and_sample
+    static = compile and device.type == "cuda"
 
-    # --- decode: sample, record, drop finished rows, one step for the rest
+    # --- decode: record, mark finished rows, reallocate the cache when due, one step for the rest
     # inference_mode (~6% faster than no_grad here) only inside: the returned tensors were allocated outside it,
     # so they stay ordinary tensors that autograd can save (token_logprobs gathers with response_ids)
     with gathered_params(model), torch.inference_mode():
+        logits = no_media_tokens(model, out.logits[:, -1].float()).repeat_interleave(n, 0)  # [Bn, V]
+        tokens = sample(logits, temperature, top_p, top_k, generator)  # [Bn]
+        logp = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn]
+        A = bucket(Bn)
+        source = (torch.arange(A, device=device) // n).clamp(max=B - 1)  # [A] the prompt of each batch row
+        cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [B, Hkv, P, D] each
+        cache, key_mask = resize_cache(cache, inputs["attention_mask"].bool(), source, bucket(P + 2), static)
+        del out
+        # padded prompt slots are never attended, but zero them so no stray NaN/inf there can leak in as 0 * x
+        for keys, values in cache:
+            keys.masked_fill_(~key_mask[:, None, :, None], 0)
+            values.masked_fill_(~key_mask[:, None, :, None], 0)
+        positions = next_pos[:, source]  # [3, A] of the token each row feeds next
+        rows = torch.arange(A, device=device).clamp(max=Bn)  # [A] output row of each batch row; Bn: none (padding)
+        tokens, logp = F.pad(tokens, (0, A - Bn), value=pad_id), F.pad(logp, (0, A - Bn))  # [A]
+        slot = torch.full((1,), P, device=device)  # where the fed token's K/V go
+        live, S = Bn, key_mask.shape[1]
         for t in range(max_new_tokens):
-            tokens = sample(logits, temperature, top_p, top_k, generator)  # [A]
             response_ids[rows, t] = tokens
-            logprobs[rows, t] = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)
-            stopped = torch.isin(tokens, eos)  # [A]
-            if stopped.any():
-                lengths[rows[stopped]] = t + 1
-                for row in rows[stopped].tolist():
-                    finish_reasons[row] = "stop"
-                keep = ~stopped
-                rows, tokens, next_pos = rows[keep], tokens[keep], next_pos[:, keep]
-                kv, key_mask = kv[:, :, keep], key_mask[keep]
-            if t + 1 == max_new_tokens or len(rows) == 0:
+            logprobs[rows, t] = logp
+            stop = torch.isin(tokens, eos) & (rows < Bn)  # [A]
+            if stop.any():  # the step's one host sync
+                lengths[rows[stop]] = t + 1
+                stopped[rows[stop]] = True
+                rows = rows.masked_fill(stop, Bn)
+                live = int((rows < Bn).sum())
+            if t + 1 == max_new_tokens or live == 0:
                 break
-            logits = no_media_tokens(model, decode_step(model, tokens, next_pos + t, kv, P + t, key_mask))  # [A, V]
+            if live <= A // 2 or P + t + 1 >= S:  # fewer rows fit a smaller bucket, or the free slot is reached
+                order = torch.argsort((rows == Bn).int(), stable=True)  # [A] unfinished rows first, in order
+                keep = order[:bucket(live)]  # [A'] plus finished rows up to the bucket
+                cache, key_mask = resize_cache(cache, key_mask, keep, max(S, bucket(P + t + 2)), static)
+                tokens, positions, rows = tokens[keep], positions[:, keep], rows[keep]
+                A, S = len(keep), key_mask.shape[1]
+            u = None
+            if temperature > 0:  # one uniform per unfinished row, in row order (finished ones get 0)
+                u = torch.rand(live, 1, generator=generator, device=device)  # [live, 1]
+                if live < A:
+                    u = torch.zeros(A, 1, device=device).index_copy_(0, (rows < Bn).nonzero()[:, 0], u)  # [A, 1]
+            if static:
+                torch.compiler.cudagraph_mark_step_begin()
+            length = S if static else P + t + 1  # CUDA graphs: the whole bucket (fixed shapes); else the written
+            tokens, logp = step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k)
+            tokens, logp = tokens.clone(), logp.clone()  # CUDA graphs reuse their output buffers next step
+            positions, slot = positions + 1, slot + 1
 
-    T = int(lengths.max())
-    response_mask = torch.arange(T, device=device)[None] < lengths[:, None]  # [Bn, T]
-    return dict(response_ids=response_ids[:, :T],
-                logprobs=logprobs[:, :T], response_mask=response_mask.long(), finish_reasons=finish_reasons)
+    T = int(lengths[:Bn].max())
+    response_mask = torch.arange(T, device=device)[None] < lengths[:Bn, None]  # [Bn, T]
+    return dict(response_ids=response_ids[:Bn, :T], logprobs=logprobs[:Bn, :T], response_mask=response_mask.long(),
+                finish_reasons=["stop" if s else "length" for s in stopped[:Bn].tolist()])
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ normalise advantages by a per-task EMA of the reward spread, and take PPO-clip s
 One step, top to bottom: sample prompts -> roll out group_size answers each (rollout.py) -> score (rewards.py)
 -> drop groups whose mean accuracy is ~0 or ~1 and refill (all three in `collect_groups`) -> advantages
 (ema_grpo.py, the task EMA shared by all ranks) -> old log-probs (when ppo_updates > 1) -> ppo_updates optimizer
-steps over mini-batches -> log -> checkpoint.
+steps over mini-batches -> log -> checkpoint. Meanwhile a background thread decodes the media of the prompts
+drawn next (`Prefetcher`), and the update reuses the rollout's model inputs; sec/data logs the wait for them.
 
 The release preset feeds the model what the release fed it: its prompt text (data.RELEASE_TEMPLATE) with the
 media where <image> / <video> stand in the problem, and EasyR1's media sizing (data.py).
@@ -30,7 +31,8 @@ reward-model client has a timeout, retries and a circuit breaker; a damaged newe
 the previous one loaded; a resume may change the number of ranks.
 """
 import collections
-import functools
+import concurrent.futures
+import copy
 import json
 import math
 import os
@@ -64,6 +66,7 @@ class Config:
     skip_bad_rows: bool = False  # drop malformed rows at load (counted in a log line) and any number at run time
     max_bad_rows: int = 10  # rows failing at run time (media that do not decode, a prompt too long for the context)
     # are named, skipped and replaced up to this many per run; past it the run stops with the list
+    check_media: bool = True  # open every media file's header at start-up (the files split over ranks)
     allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
     prompt_template: str | None = None  # "release", "project" or a JSON file (data.load_templates); None: ours
     out_dir: str = "runs/rl"
@@ -79,6 +82,7 @@ class Config:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); false: the eager loop
     balance_modalities: bool = True  # interleave image and video rows in the prompt order
     # online filtering (SPEC 6): drop groups whose mean accuracy is <= low or >= high, refill up to max tries
     filter_groups: bool = True
@@ -145,7 +149,7 @@ PRESETS = {
                     micro_batch_seqs=4, rollout_batch_prompts=1, lr=2e-6, weight_decay=0.01,
                     grad_checkpointing=True, bf16=True,
                     share_prompt=False,  # gradient checkpointing (needed at 8B) drops the prompt's KV cache
-                    balance_modalities=False, cache_inputs=False, sample_every=10, save_every=25,
+                    balance_modalities=False, cache_inputs=False, compile=True, sample_every=10, save_every=25,
                     prompt_template="release", sizing="easyr1"),
 }
 CHOICES = {"estimator": ema_grpo.ESTIMATORS, "kl_kind": ema_grpo.KL_KINDS, "sizing": data.SIZINGS,
@@ -159,7 +163,8 @@ def roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer, stop):
     """Generate group_size responses for each (row, encoded row) of batch, rollout_batch_prompts rows per generate
     call (bounds the KV cache). Between calls a preemption may drop the step (stop.drop_step: the groups so far
     come back and the caller discards them).
-    Returns one group per row: {"row", "texts", "response_ids" [G, T_i], "response_mask" [G, T_i], "finish"}."""
+    Returns one group per row: {"row", "item" (its encoded prompt, reused by the update), "texts",
+    "response_ids" [G, T_i], "response_mask" [G, T_i], "finish"}."""
     groups, G = [], cfg.group_size
     model.eval()
     for start in range(0, len(batch), cfg.rollout_batch_prompts):
@@ -171,14 +176,14 @@ def roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer, stop):
         with torch.no_grad(), common.autocast(cfg.bf16, device):
             out = rollout.generate(model, inputs, n=G, max_new_tokens=cfg.max_new_tokens,
                                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                   generator=generator, eos_token_ids=stop_ids)
+                                   generator=generator, eos_token_ids=stop_ids, compile=cfg.compile)
         lengths = out["response_mask"].sum(1).tolist()  # [B*G]
         texts = [tokenizer.decode(ids[:length], skip_special_tokens=True)
                  for ids, length in zip(out["response_ids"].tolist(), lengths)]
-        for i, (row, _) in enumerate(chunk):
+        for i, (row, item) in enumerate(chunk):
             sl = slice(i * G, (i + 1) * G)
             length = max(lengths[sl])
-            groups.append({"row": row, "texts": texts[sl],
+            groups.append({"row": row, "item": item, "texts": texts[sl],
                            "response_ids": out["response_ids"][sl, :length].cpu(),  # [G, T_i]
                            "response_mask": out["response_mask"][sl, :length].cpu(),  # [G, T_i]
                            "finish": out["finish_reasons"][sl]})
@@ -218,12 +223,44 @@ def keep_group(group, cfg):
     return cfg.filter_low < mean_acc < cfg.filter_high
 
 
-def collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg, generator, device, stop_ids, tokenizer,
+class Prefetcher:
+    """Encoded prompts (media decode and the processor) prepared ahead on a background thread: ahead(rows) starts on
+    the rows the sampler draws next while this batch generates and scores; prefetcher(row) returns a row's encoded
+    item, waiting for it if it was sent ahead. All encoding runs on that one thread, in order (the processor is
+    not thread-safe), and a row whose encoding raises raises where it is asked for, as without prefetching."""
+
+    def __init__(self, encode_row):
+        self.encode_row = encode_row
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending = {}  # row source -> Future of its item
+
+    def ahead(self, rows):
+        pending, self.pending = self.pending, {}
+        for row in rows:
+            self.pending[row["source"]] = pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
+        for future in pending.values():  # sent ahead but not drawn after all
+            future.cancel()
+
+    def __call__(self, row):
+        future = self.pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
+        return future.result()
+
+
+def draw_batch(rows, sampler, n, prefetcher, bad_rows):
+    """data.draw_rows' n (row, encoded prompt) pairs, then the n rows after them sent ahead: the sampler draws
+    those next, for a refill or the next step. A copy of the sampler tells which (shallow: drawing rebinds its
+    attributes, it mutates nothing), so a checkpoint's sampler state is that of a run without prefetching."""
+    batch = data.draw_rows(rows, sampler, n, prefetcher, bad_rows)
+    prefetcher.ahead([rows[i] for i in copy.copy(sampler).next_batch(n)])
+    return batch
+
+
+def collect_groups(model, prefetcher, rows, sampler, bad_rows, cfg, generator, device, stop_ids, tokenizer,
                    timing, stop):
     """Rollout + reward + online filtering for one step: roll out and score batches of this rank's prompts until
     every rank holds prompts_per_step / world_size kept groups, or max_refill_tries batches ran.
 
-    Prompts come from data.draw_rows: a row that fails to encode (encode_prompt raises, naming it) is recorded in
+    Prompts come from data.draw_rows: a row that fails to encode (the prefetcher raises, naming it) is recorded in
     bad_rows and replaced, so every batch keeps its size. Every rank then keeps the same number of groups (the
     smallest kept count), since each update forward is a collective under FSDP. A reward failure on any rank
     (logged with its traceback) leaves every rank with no groups: the step takes no update. A preemption that
@@ -235,7 +272,9 @@ def collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg, generator
     kept, rolled, tried, reward_error = [], [], 0, False
     while not stop.drop_step():
         t0 = time.perf_counter()
-        batch = data.draw_rows(rows, sampler, per_rank, encode_prompt, bad_rows)
+        batch = draw_batch(rows, sampler, per_rank, prefetcher, bad_rows)
+        timing["data"] += time.perf_counter() - t0  # waiting for media: ~0 while the prefetch keeps up
+        t0 = time.perf_counter()
         groups = roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer, stop)
         timing["rollout"] += time.perf_counter() - t0
         if stop.drop_step():
@@ -249,7 +288,11 @@ def collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg, generator
         timing["reward"] += time.perf_counter() - t0
         tried += len(batch)
         rolled += groups
-        kept += [g for g in groups if keep_group(g, cfg)]
+        for g in groups:
+            if keep_group(g, cfg):
+                kept.append(g)
+            else:
+                del g["item"]  # the update gets kept groups only: their media are freed now
         # one decision for all ranks: a rollout runs FSDP forwards, so every rank must roll out equally often
         any_rank = common.all_reduce({"short": float(len(kept) < per_rank), "reward_error": float(reward_error)},
                                      "max")
@@ -259,9 +302,23 @@ def collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg, generator
     return [], rolled, tried, reward_error
 
 
-def micro_batch_inputs(seqs, encode, pad_id, device):
+def assign_advantages(kept, tracker, cfg):
+    """Each kept group's "adv" [G]: the estimator's advantages over all kept groups at once, EMA-GRPO's task EMA
+    updated with every rank's kept scores first (ema_grpo.advantages, SPEC 5)."""
+    if not kept:
+        return
+    scores = torch.tensor([s["overall"] for g in kept for s in g["scores"]])  # [k*G]
+    group_ids = [i for i, g in enumerate(kept) for _ in g["scores"]]
+    task_keys = [data.task_key(g["row"]["problem_type"], g["row"]["data_type"]) for g in kept for _ in g["scores"]]
+    adv = ema_grpo.advantages(scores, group_ids, task_keys, tracker, cfg.estimator)  # [k*G]
+    for i, g in enumerate(kept):
+        g["adv"] = adv[i * cfg.group_size:(i + 1) * cfg.group_size]  # [G]
+
+
+def micro_batch_inputs(seqs, pad_id, device):
     """Model inputs for a micro-batch of sequences [(group, response index)] in group order: each prompt once
-    (token_logprobs repeats it for its responses), responses right-padded to the longest of them:
+    (token_logprobs repeats it for its responses) as the rollout encoded it (no second media decode), responses
+    right-padded to the longest of them:
     (inputs, counts [responses of each prompt], response_ids [m, T], response_mask [m, T])."""
     groups, counts = [], []
     for g, _ in seqs:
@@ -270,7 +327,7 @@ def micro_batch_inputs(seqs, encode, pad_id, device):
         else:
             groups.append(g)
             counts.append(1)
-    inputs = {k: v.to(device) for k, v in encode([g["row"] for g in groups]).items()}
+    inputs = {k: v.to(device) for k, v in data.pad_batch([g["item"] for g in groups], pad_id).items()}
     lengths = [int(g["response_mask"][j].sum()) for g, j in seqs]
     response_ids = torch.full((len(seqs), max(lengths)), pad_id, dtype=torch.long)  # [m, T]
     response_mask = torch.zeros(len(seqs), max(lengths), dtype=torch.long)  # [m, T]
@@ -280,7 +337,7 @@ def micro_batch_inputs(seqs, encode, pad_id, device):
     return inputs, counts, response_ids.to(device), response_mask.to(device)
 
 
-def build_mini_batches(model, kept, encode, cfg, pad_id, device):
+def build_mini_batches(model, kept, cfg, pad_id, device):
     """The update's data: the kept groups split into ppo_updates mini-batches (one optimizer step each), each
     cut into micro-batches of micro_batch_seqs sequences in order, so a group's responses may span two
     micro-batches. The loss is normalised by the mini-batch's token count, so where the cuts fall does not change
@@ -297,7 +354,7 @@ def build_mini_batches(model, kept, encode, cfg, pad_id, device):
         micro_batches = []
         for first in range(0, len(seqs), cfg.micro_batch_seqs):
             chunk = seqs[first:first + cfg.micro_batch_seqs]
-            inputs, counts, ids, mask = micro_batch_inputs(chunk, encode, pad_id, device)
+            inputs, counts, ids, mask = micro_batch_inputs(chunk, pad_id, device)
             old_logp = None
             if cfg.ppo_updates > 1:
                 with torch.no_grad(), common.autocast(cfg.bf16, device):
@@ -442,20 +499,18 @@ def check_config(cfg, world_size):
                          f"{world_size}*{cfg.ppo_updates}")
 
 
-def make_encoders(cfg, processor, context):
-    """(encode, encode_prompt): rows -> the update's model inputs (data.collate); one row -> its encoded prompt
-    for the rollout, a ValueError naming the row when its media do not decode or its prompt leaves fewer than
-    max_new_tokens of the model context (data.draw_rows replaces such a row)."""
+def make_encoder(cfg, processor, context):
+    """One row -> its encoded prompt for the rollout (and the update, which reuses it), a ValueError naming the row
+    when its media do not decode or its prompt leaves fewer than max_new_tokens of the model context
+    (data.draw_rows replaces such a row)."""
     templates = data.load_templates(cfg.prompt_template) if cfg.prompt_template else None
     cache = {} if cfg.cache_inputs else None
     media_cfg = data.media_config(cfg)
-    encode = functools.partial(data.collate, processor=processor, media_cfg=media_cfg, templates=templates,
-                               cache=cache)
 
     def encode_prompt(row):
         item = data.encode_cached(row, processor, media_cfg, templates, cache=cache)
         return data.check_length(row, item, context, cfg.max_new_tokens)
-    return encode, encode_prompt
+    return encode_prompt
 
 
 def reward_counters():
@@ -516,8 +571,8 @@ def main(argv):
     optimizer = common.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr,
                                        cfg.weight_decay, cfg.param_dtype)
     tracker = ema_grpo.TaskEMA(decay=cfg.ema_decay, min_std=cfg.min_std)
-    encode, encode_prompt = make_encoders(cfg, processor, model.config.text_config.max_position_embeddings)
-    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows,
+    prefetcher = Prefetcher(make_encoder(cfg, processor, model.config.text_config.max_position_embeddings))
+    rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows, check_media=cfg.check_media,
                           allow_outside_root=cfg.allow_media_outside_root)
     strata = [str(r["data_type"]) for r in rows] if cfg.balance_modalities else None
     sampler = data.ShardedSampler(len(rows), rank, world_size, seed=cfg.seed, strata=strata)
@@ -539,10 +594,10 @@ def main(argv):
     while step < cfg.max_steps:
         stop.start_step()
         before = run_state(sampler, tracker, generator)
-        timing = {"rollout": 0.0, "reward": 0.0}  # seconds per phase of this step
+        timing = {"data": 0.0, "rollout": 0.0, "reward": 0.0}  # seconds per phase of this step
 
         # --- rollout + reward + online filtering (refilled until every rank has its prompts or tries run out)
-        kept, rolled, tried, reward_error = collect_groups(model, encode_prompt, rows, sampler, bad_rows, cfg,
+        kept, rolled, tried, reward_error = collect_groups(model, prefetcher, rows, sampler, bad_rows, cfg,
                                                            generator, device, stop_ids, tokenizer, timing, stop)
         new_bad = bad_rows.report()
         if stop.drop_step():  # preempted mid-step, no time to finish it: checkpoint the state from before it
@@ -552,19 +607,12 @@ def main(argv):
 
         # --- advantages: the task EMA is updated with every rank's kept scores first (SPEC 5)
         t0 = time.perf_counter()
-        if kept:
-            scores = torch.tensor([s["overall"] for g in kept for s in g["scores"]])  # [k*G]
-            group_ids = [i for i, g in enumerate(kept) for _ in g["scores"]]
-            task_keys = [data.task_key(g["row"]["problem_type"], g["row"]["data_type"])
-                         for g in kept for _ in g["scores"]]
-            adv = ema_grpo.advantages(scores, group_ids, task_keys, tracker, cfg.estimator)  # [k*G]
-            for i, g in enumerate(kept):
-                g["adv"] = adv[i * cfg.group_size:(i + 1) * cfg.group_size]  # [G]
+        assign_advantages(kept, tracker, cfg)
         timing["advantage"] = time.perf_counter() - t0
 
         # --- old log-probs (only when ppo_updates > 1), then the update
         t0 = time.perf_counter()
-        mini_batches = build_mini_batches(model, kept, encode, cfg, tokenizer.pad_token_id, device)
+        mini_batches = build_mini_batches(model, kept, cfg, tokenizer.pad_token_id, device)
         timing["old_logp"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         update_metrics = update(model, optimizer, mini_batches, cfg, ref_model) if kept else {}
@@ -606,6 +654,7 @@ def main(argv):
 
     if step == cfg.max_steps:
         common.export_hf(model, processor, os.path.join(cfg.out_dir, "hf"))
+    prefetcher.worker.shutdown(cancel_futures=True)
     logger.close()
     common.cleanup()
 

@@ -51,6 +51,7 @@ class Config:
     # problem_type): "release", "project" or a JSON file (data.load_templates); None: ours
     prompt_template: str | None = None
     skip_bad_rows: bool = False  # drop malformed rows at load (counted in a log line) and any number at run time
+    check_media: bool = True  # open every media file's header at start-up (the files split over ranks)
     max_bad_rows: int = 10  # rows failing at run time (media that do not decode, more tokens than the model
     # context) are named, skipped and replaced up to this many per run; past it the run stops with the list
     allow_media_outside_root: bool = False  # accept media paths that lead out of media_root (.., absolute paths)
@@ -224,7 +225,7 @@ def load_split(cfg, rank, world_size):
     choice over all files)."""
     rows = [row for path in cfg.data.split(",")
             for row in data.load_rows(path, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows,
-                                      allow_outside_root=cfg.allow_media_outside_root)]
+                                      check_media=cfg.check_media, allow_outside_root=cfg.allow_media_outside_root)]
     bad = [r["source"] for r in rows if r["kind"] != "sft"]
     if bad:
         raise ValueError(f"{bad[0]}: train_sft.py needs SFT rows (messages with an assistant turn)")

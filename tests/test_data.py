@@ -2,6 +2,7 @@
 (media tokens, video timestamps, left padding, SFT label span) and rank sharding with exact resume."""
 import dataclasses
 import json
+import os
 import re
 import runpy
 import sys
@@ -9,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TEST_MEDIA, VIDEO_FPS, VIDEO_FRAMES
+from conftest import TEST_MEDIA, VIDEO_FPS, VIDEO_FRAMES, torchrun
 
 import data
 
@@ -121,6 +122,40 @@ def test_skip_bad_counts_and_logs(media_dir, capsys):
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"skipped 3 of 6 rows of {path}: row 1 field 'problem_type': unknown value 'counting'")
     assert "row 3 field 'images': missing file" in line and "row 4 field 'images': corrupt image" in line
+
+
+def _media_check_worker(path, out_dir):
+    """One rank of test_media_check_is_split_over_ranks: which rows' media it opened, and what load_rows gave."""
+    import common
+    rank, _, _, _ = common.init_distributed()
+    opened, check = [], data.check_media_file
+    data.check_media_file = lambda full, media_type: opened.append(os.path.basename(full)) or check(full, media_type)
+    loaded = [row["source"] for row in data.load_rows(path, skip_bad_rows=True)]
+    try:
+        data.load_rows(path)
+        error = None
+    except ValueError as e:
+        error = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"opened": opened, "loaded": loaded, "error": error}, f)
+    common.cleanup()
+
+
+def test_media_check_is_split_over_ranks(media_dir, tmp_path):
+    """2 ranks: each opens the media of every other row (half the files), and both learn of the corrupt file only
+    rank 1 opened: the same rows kept with skip_bad_rows, the same error without."""
+    rows = [good_rl() for _ in range(6)]
+    for i, row in enumerate(rows):
+        row["images"] = [f"img{i}.png"]
+        (media_dir / f"img{i}.png").write_bytes((media_dir / ("bad.png" if i == 3 else "a.png")).read_bytes())
+    path = write_rows(media_dir, rows)
+    returncode, stderr = torchrun([os.path.abspath(__file__), path, str(tmp_path)], timeout=180)
+    assert returncode == 0, stderr[-4000:]
+    got = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in range(2)]
+    assert got[0]["opened"] == ["img0.png", "img2.png", "img4.png"] * 2  # two load_rows calls
+    assert got[1]["opened"] == ["img1.png", "img3.png", "img5.png"] * 2
+    assert got[0]["loaded"] == got[1]["loaded"] == [f"{path}: row {i}" for i in (0, 1, 2, 4, 5)]
+    assert got[0]["error"] == got[1]["error"] and got[0]["error"].startswith(f"{path}: row 3 field 'images': corrupt")
 
 
 def test_check_cli_skip_bad_rows(media_dir, monkeypatch, capsys):
@@ -369,3 +404,7 @@ def test_sampler_resumes_on_another_number_of_ranks(before, after):
     for r, s in enumerate(new):
         s.load_state_dict({**old[0].state_dict(), "global": {"consumed": consumed}})
     assert rounds(new, 5) == one.next_batch(5 * after)
+
+
+if __name__ == "__main__":
+    _media_check_worker(*sys.argv[1:])

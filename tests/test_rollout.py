@@ -233,6 +233,99 @@ def test_shared_prefill_equals_sampling_repeated_prompts(peaked, suite_dir, temp
 
 
 # -----------------------------------------------------------------------------
+# the KV cache grown in buckets, and the compiled decode step
+
+
+def record_resizes(monkeypatch):
+    """Every cache rollout.generate allocates, as (rows, slots)."""
+    sizes, resize = [], rollout.resize_cache
+
+    def recording(cache, key_mask, keep, length, static):
+        sizes.append((len(keep), length))
+        return resize(cache, key_mask, keep, length, static)
+    monkeypatch.setattr(rollout, "resize_cache", recording)
+    return sizes
+
+
+def test_cache_grows_with_what_is_generated(peaked, suite_dir, monkeypatch):
+    """max_new_tokens=600, rows stopping after at most 30 tokens: the cache never holds P + 600 slots, only the
+    next power of two of the longest response so far, and finished rows leave it; the tokens are those of a run
+    that never stops (compaction and growth keep every row exact)."""
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    P = inputs["input_ids"].shape[1]
+    free = rollout.generate(tiny_model, inputs, n=2, max_new_tokens=30, temperature=0, eos_token_ids=[])
+    stop_ids = free["response_ids"][[0, 2, 4], [5, 17, 29]].tolist()  # rows stop by steps 6, 18, 30 at the latest
+    sizes = record_resizes(monkeypatch)
+    out = rollout.generate(tiny_model, inputs, n=2, max_new_tokens=600, temperature=0, eos_token_ids=stop_ids)
+    lengths = out["response_mask"].sum(1)
+    assert lengths.max() <= 30 and lengths.min() < lengths.max()
+    for i, length in enumerate(lengths.tolist()):
+        assert torch.equal(out["response_ids"][i, :length], free["response_ids"][i, :length])
+    assert sizes[0] == (rollout.bucket(6), rollout.bucket(P + 2))  # 6 rows in a bucket of 8, the prompt + 2
+    assert all(rows & (rows - 1) == 0 and slots & (slots - 1) == 0 for rows, slots in sizes)  # powers of two
+    assert max(slots for _, slots in sizes) == rollout.bucket(P + int(lengths.max()))  # never P + 600
+    assert [rows for rows, _ in sizes] == sorted((rows for rows, _ in sizes), reverse=True)  # rows only leave
+    assert sizes[-1][0] < sizes[0][0]
+
+
+def test_decode_step_over_the_whole_bucket_equals_the_written_slots(peaked, suite_dir):
+    """The CUDA-graph step attends over the whole cache bucket (fixed shapes), the others over the written slots
+    only: the same logits and K/V written, on a cache with left padding and unwritten slots past the token
+    (garbage here, so a mask that let them through would show)."""
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    P = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = tiny_model(**inputs, position_ids=rollout.prompt_positions(tiny_model, inputs)[0], use_cache=True)
+        cache, key_mask = rollout.resize_cache([(layer.keys, layer.values) for layer in out.past_key_values.layers],
+                                               inputs["attention_mask"].bool(), torch.arange(3), P + 9, static=False)
+        for keys, values in cache:
+            keys[:, :, P:].normal_(), values[:, :, P:].normal_()  # slots P.. P+8 hold garbage
+        tokens, positions = torch.tensor([5, 6, 7]), torch.full((3, 3), P)
+        logits, written = [], []
+        for length in (P + 9, P + 1):  # the whole bucket, then the written slots (the prompt and this token)
+            copy = [(k.clone(), v.clone()) for k, v in cache]
+            logits.append(rollout.decode_step(tiny_model, tokens, positions, copy, torch.tensor([P]), key_mask, length))
+            written.append(copy)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(written[0], written[1], rtol=0, atol=1e-5)  # layer 1's input: float rounding
+
+
+def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch):
+    """compile=True: greedy tokens equal to eager and to HF generate (rows stopping at different steps, the cache
+    growing past its first bucket); sampling with the same seed draws the same tokens, log-probs within float
+    rounding; then other shapes run without compiling again (dynamic shapes; error_on_recompile)."""
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
+    P = inputs["input_ids"].shape[1]
+    new_tokens = rollout.bucket(P + 2) - P + 8  # crosses the first cache bucket
+    free = rollout.generate(tiny_model, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=[])
+    never = set(free["response_ids"][2].tolist())  # row 2 runs to the end, rows 0 and 1 stop early
+    stop_ids = [next(token for token in free["response_ids"][row, step:].tolist() if token not in never)
+                for row, step in ((0, 3), (1, 9))]
+    sizes = record_resizes(monkeypatch)
+    eager = rollout.generate(tiny_model, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=stop_ids)
+    compiled = rollout.generate(tiny_model, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=stop_ids,
+                                compile=True)
+    assert torch.equal(compiled["response_ids"], eager["response_ids"])
+    assert compiled["finish_reasons"] == eager["finish_reasons"]
+    reference = hf_greedy(tiny_model, inputs, stop_ids, new_tokens)
+    mask = eager["response_mask"] == 1
+    assert torch.equal(reference[:, :mask.shape[1]][mask], compiled["response_ids"][mask])
+    assert len({slots for _, slots in sizes}) > 1 and len({rows for rows, _ in sizes}) > 1  # both shapes changed
+    torch.testing.assert_close(compiled["logprobs"], eager["logprobs"], rtol=0, atol=1e-4)
+    kwargs = dict(max_new_tokens=N_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[im_end(processor)])
+    eager = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator().manual_seed(0), **kwargs)
+    compiled = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator().manual_seed(0), compile=True,
+                                **kwargs)
+    assert torch.equal(compiled["response_ids"], eager["response_ids"])
+    torch.testing.assert_close(compiled["logprobs"], eager["logprobs"], rtol=0, atol=1e-4)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # other rows, prompt length, buckets
+    rollout.generate(tiny_model, mixed_batch(suite_dir, processor, (3, 2)), n=5, compile=True, **kwargs)
+
+
+# -----------------------------------------------------------------------------
 # the sampler
 
 

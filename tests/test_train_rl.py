@@ -6,12 +6,12 @@ The runs use the untrained tiny model on open-ended rows: its random words overl
 ROUGE gives groups a spread of rewards (non-zero advantages) without any SFT first."""
 import copy
 import faulthandler
-import functools
 import json
 import math
 import os
 import shutil
 import sys
+import threading
 
 import pytest
 import torch
@@ -75,7 +75,8 @@ def random_groups(processor, rows, n=2, seed=0, length=6):
     for row in rows:
         ids = allowed[torch.randint(len(allowed), (n, length), generator=gen)]  # [n, T]
         mask = (torch.arange(length)[None] < torch.randint(2, length + 1, (n, 1), generator=gen)).long()  # [n, T]
-        groups.append({"row": row, "response_ids": ids, "response_mask": mask, "adv": torch.randn(n, generator=gen)})
+        groups.append({"row": row, "item": data.encode_row(row, processor, TEST_MEDIA), "response_ids": ids,
+                       "response_mask": mask, "adv": torch.randn(n, generator=gen)})
     return groups
 
 
@@ -83,16 +84,63 @@ def micro_batch(tiny_model, processor, rows, n=2, seed=0):
     """A PPO micro-batch of whole groups for `rows` (random_groups), with old log-probs near the current ones
     (some ratios leave the clip range)."""
     groups = random_groups(processor, rows, n, seed)
-    encode = functools.partial(data.collate, processor=processor, media_cfg=TEST_MEDIA)
     seqs = [(g, j) for g in groups for j in range(n)]
-    inputs, counts, ids, mask = train_rl.micro_batch_inputs(seqs, encode, processor.tokenizer.pad_token_id,
-                                                            torch.device("cpu"))
+    inputs, counts, ids, mask = train_rl.micro_batch_inputs(seqs, processor.tokenizer.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
         logp = rollout.token_logprobs(tiny_model, inputs, ids, mask, counts)  # [mn, T]
     gen = torch.Generator().manual_seed(seed + 100)
     old_logp = (logp + 0.3 * torch.randn(logp.shape, generator=gen)) * mask  # [mn, T]
     adv = torch.cat([g["adv"] for g in groups])  # [mn]
     return {"inputs": inputs, "counts": counts, "ids": ids, "mask": mask, "old_logp": old_logp, "adv": adv}
+
+
+# -----------------------------------------------------------------------------
+# the rollout's data path: prefetched on a thread, reused by the update
+
+
+def test_prefetched_batches_equal_the_synchronous_path(model_dir, suite_dir, tmp_path):
+    """draw_batch with a Prefetcher gives the rows and model inputs that data.draw_rows gives encoding inline on a
+    second sampler: the same rows, a row whose media do not decode recorded and replaced alike, the same encoded
+    prompts, the sampler left where plain draws leave it. It sends the next draw ahead (those rows are encoded
+    before they are asked for, on the background thread), and the update's inputs are the rollout's items, equal
+    to collating the rows again."""
+    _, processor = model_lib.load_model(model_dir)
+    rows = data.load_rows(str(suite_dir / "rl.json"))
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    rows.append(data.normalise_row({"problem": "q", "answer": "1", "problem_type": "numerical",
+                                    "data_type": "image", "images": ["bad.png"]}, 4, "inline", str(tmp_path),
+                                   check_media=False))
+    threads = {}
+
+    def encode_row(row):
+        threads[row["source"]] = threading.current_thread().name
+        return data.encode_row(row, processor, TEST_MEDIA)
+    prefetcher = train_rl.Prefetcher(encode_row)
+    sampler, plain = (data.ShardedSampler(len(rows), seed=8) for _ in range(2))  # the bad row in the 3rd batch
+    bad_rows, plain_bad = data.BadRows(), data.BadRows()
+    try:
+        for _ in range(4):
+            expected = data.draw_rows(rows, plain, 2, lambda row: data.encode_row(row, processor, TEST_MEDIA),
+                                      plain_bad)
+            batch = train_rl.draw_batch(rows, sampler, 2, prefetcher, bad_rows)
+            assert [row for row, _ in batch] == [row for row, _ in expected]
+            assert sampler.state_dict() == plain.state_dict() and bad_rows.errors == plain_bad.errors
+            for (_, got), (_, reference) in zip(batch, expected):
+                assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got
+                                                              if torch.is_tensor(got[k]))
+            upcoming = [rows[i] for i in copy.deepcopy(plain).next_batch(2)]
+            assert set(prefetcher.pending) == {row["source"] for row in upcoming}  # sent ahead
+            groups = [{"row": row, "item": item, "response_ids": torch.ones(2, 3, dtype=torch.long),
+                       "response_mask": torch.ones(2, 3, dtype=torch.long)} for row, item in batch]
+            seqs = [(g, j) for g in groups for j in range(2)]
+            inputs, counts, _, _ = train_rl.micro_batch_inputs(seqs, processor.tokenizer.pad_token_id,
+                                                               torch.device("cpu"))
+            reference = data.collate([row for row, _ in batch], processor, TEST_MEDIA)
+            assert counts == [2, 2] and all(torch.equal(inputs[k], reference[k]) for k in reference)
+    finally:
+        prefetcher.worker.shutdown(cancel_futures=True)
+    assert list(bad_rows.errors) == [rows[-1]["source"]] and "corrupt image" in bad_rows.errors[rows[-1]["source"]]
+    assert set(threads.values()) == {"prefetch_0"}  # every encode ran on the background thread
 
 
 # -----------------------------------------------------------------------------
@@ -175,8 +223,7 @@ def test_sequence_micro_batches_take_the_step_of_whole_groups(model_dir, suite_d
         tiny_model, processor = model_lib.load_model(model_dir)
         groups = random_groups(processor, rows, n=4, seed=5, length=8)
         cfg = train_rl.Config(group_size=4, micro_batch_seqs=seqs, ppo_updates=2)
-        encode = functools.partial(data.collate, processor=processor, media_cfg=TEST_MEDIA)
-        mini_batches = train_rl.build_mini_batches(tiny_model, groups, encode, cfg, processor.tokenizer.pad_token_id,
+        mini_batches = train_rl.build_mini_batches(tiny_model, groups, cfg, processor.tokenizer.pad_token_id,
                                                    torch.device("cpu"))
         assert [len(m) for m in mini_batches] == micro_batches
         assert [sum(len(mb["adv"]) for mb in m) for m in mini_batches] == [8, 4]
