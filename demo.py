@@ -1,34 +1,40 @@
 """
 The demo: a tiny Qwen3-VL learns six tasks of the shapes suite, one per task family, on a laptop CPU (SFT), then
-EMA-GRPO improves it (RL), with held-out evaluation after each stage. Every stage is the real command line of its
-script, printed before it runs; a stage whose output already exists is skipped, so a re-run continues where it
-stopped.
+EMA-GRPO improves it (RL, three seeds), with held-out evaluation after each stage. Every stage is the real command
+line of its script, printed before it runs; a stage whose output already exists is skipped, so a re-run continues
+where it stopped.
 
-    python demo.py                          # ~22 minutes on 2 CPU cores (make demo)
-    python demo.py --ablation=true          # then GRPO vs Dr.GRPO vs EMA-GRPO from the same SFT checkpoint
-    python demo.py --ablation=true --seeds=0,1  # ~31 minutes more: 3 estimators x 2 seeds
+    python demo.py                               # the main job (make demo)
+    python demo.py --ablation=true               # then GRPO and Dr.GRPO from the same SFT checkpoint and seeds
+    python demo.py --spread_experiment=true      # then the estimators on a binary task next to a low-spread one
+    python demo.py --seed=1 --out=runs/demo-seed1    # another suite, tiny model and SFT seed
 
-Outputs: runs/demo/ (data, model, checkpoints, eval records), the figures docs/demo_*.png, and a last line of
-key=value pairs. Segmentation is scored by the training reward's box/point accuracy (eval --sam2=false): SAM2
-has no trained weights here, so its masks would mean nothing.
+Outputs: runs/demo/ (data, model, checkpoints, eval records), the figures docs/demo_*.png, markdown tables, and a
+last line of key=value pairs. Segmentation is scored by the training reward's box/point accuracy
+(eval --sam2=false): SAM2 has no trained weights here, so its masks would mean nothing.
 """
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-import common
+import numpy as np
 
+import common
+import data
+import rewards
+import shapes
 
 # One task per family of the paper's ablation table, not all 14 of the suite, and spatial grounding given three
 # times. Measured with an earlier 16-token model: with all 14 tasks, or these six in equal shares, the tiny model
 # learned format and copying from the prompt but not to look at the image (its loss with every row's media swapped
 # for another row's changed by <= 0.002): the long answers (tracking, segmentation) hold most of the loss tokens,
 # and their digits are learned from priors. Reading where an object is takes the most steps, so half the rows ask
-# for it from one image (grounding x3, segmentation). Multiple choice needs ~1,000-2,000 steps of its own before
-# the option letter follows the colour seen (it appears suddenly): more than this budget holds, so one share.
+# for it from one image (grounding x3, segmentation).
 DEMO_TASKS = ("image_multiple_choice,image_grounding,video_temporal,image_grounding,"
               "video_spatial_temporal,image_segmentation,video_tracking,image_grounding")
 
@@ -36,16 +42,17 @@ DEMO_TASKS = ("image_multiple_choice,image_grounding,video_temporal,image_ground
 @dataclass
 class Config:
     out: str = "runs/demo"
-    seed: int = 0
+    seed: int = 0  # the suite, the tiny model's initialisation and SFT
     tasks: str = DEMO_TASKS  # shapes generators, rows cycle through them; "all" for the whole suite
     n_sft: int = 10000
-    n_rl: int = 3200  # RL draws at most 100 steps x 2 batches of 16 prompts
-    n_eval: int = 2400  # 300 rows per entry of `tasks`: 900 spatial grounding, 300 each other task
-    sft_steps: int = 1300  # of 16 rows: at equal compute, 600 steps of 16 read position better than 300 of 32
+    n_rl: int = 3200
+    n_eval: int = 2400  # 300 rows per entry of `tasks`
+    sft_steps: int = 1300  # of 16 rows
     rl_steps: int = 100
+    rl_seeds: str = "0,1,2"  # RL runs of the main job (and of each estimator in the ablations), comma-separated
     max_new_tokens: int = 128
-    ablation: bool = False
-    seeds: str = "0"  # RL seeds for the ablation, comma-separated
+    ablation: bool = False  # GRPO and Dr.GRPO next to EMA-GRPO, same SFT checkpoint, seeds and budget
+    spread_experiment: bool = False  # the estimators on a binary-reward task next to a low-spread dense one
     figures: str = "docs"  # where the PNGs go (the README shows them)
 
 
@@ -54,14 +61,16 @@ FAMILIES = {  # task key -> the paper's task groups (SPEC 8's ablation table)
     "temporal grounding": "temporal", "spatial grounding": "spatial", "spatial-temporal grounding": "spatio-temporal",
     "tracking": "tracking", "segmentation/image": "segmentation", "segmentation/video": "segmentation",
 }
+COLUMNS = list(dict.fromkeys(FAMILIES.values())) + ["all"]
+ESTIMATORS = {"grpo": "GRPO", "dr_grpo": "Dr.GRPO", "ema_grpo": "EMA-GRPO"}
 PY = sys.executable
-# RL sized for 2 CPU cores: 16 prompts x 8 samples in two micro-batches, ~2.7 s a step (measured: 16 prompts a step
-# beat 8 at the same cost, and lr 2e-4 did worse than 1e-4), the vision tower frozen (the release trains it; here
-# it would cost most of the update), at most 2 rollout batches per step when the filter drops groups (the
-# release: 20), and samples drawn at temperature 0.7 (the release: 1.0). Measured from the demo's SFT checkpoint:
-# at 1.0 the samples score far below the greedy answer (segmentation 0.10 against 0.23) and RL raised the sampled
-# reward on every task while greedy accuracy fell on 4 of 6; at 0.7 greedy accuracy rose on all dense tasks.
-# The update's log-probs stay those of temperature 1 (rollout.py): it sharpens the policy toward the better samples.
+# RL sized for 2 CPU cores: 16 prompts x 8 samples in two micro-batches (measured: 16 prompts a step beat 8 at the
+# same cost, and lr 2e-4 did worse than 1e-4), the vision tower frozen (the release trains it; here it would cost
+# most of the update), at most 2 rollout batches per step when the filter drops groups (the release: 20), and
+# samples drawn at temperature 0.7 (the release: 1.0). Measured from the demo's SFT checkpoint: at 1.0 the samples
+# score far below the greedy answer (segmentation 0.10 against 0.23) and RL raised the sampled reward on every task
+# while greedy accuracy fell on 4 of 6; at 0.7 greedy accuracy rose on all dense tasks. The update's log-probs stay
+# those of temperature 1 (rollout.py): it sharpens the policy toward the better samples.
 RL_ARGS = ["--prompts_per_step=16", "--group_size=8", "--micro_batch_seqs=64", "--freeze_vision=true",
            "--max_refill_tries=2", "--temperature=0.7",
            "--resume=true"]  # a stage cut short (its out_dir holds a partial run) continues where it stopped
@@ -79,44 +88,133 @@ def run(cmd, done_marker=None):
 
 
 def eval_stage(model_dir, out_dir, data_path, cfg):
+    """Greedy held-out evaluation; returns eval.py's metrics per task."""
+    name = os.path.splitext(os.path.basename(data_path))[0]
     run([PY, "eval.py", f"--model={model_dir}", f"--data={data_path}", f"--out_dir={out_dir}", "--sam2=false",
-         f"--max_new_tokens={cfg.max_new_tokens}", "--batch_size=32"], os.path.join(out_dir, "eval.metrics.json"))
-    with open(os.path.join(out_dir, "eval.metrics.json")) as f:
+         f"--max_new_tokens={cfg.max_new_tokens}", "--batch_size=32"], os.path.join(out_dir, f"{name}.metrics.json"))
+    with open(os.path.join(out_dir, f"{name}.metrics.json")) as f:
         return json.load(f)["metrics"]
 
 
-def family_means(metrics, key):
-    """{family: mean over its tasks of metrics[task][key]}, and "all" over every task (each task weighs the same)."""
+def rl_stage(cfg, sft_dir, rl_file, out_dir, estimator, seed, steps):
+    run([PY, "train_rl.py", f"--model={sft_dir}/hf", f"--data={rl_file}", f"--out_dir={out_dir}",
+         f"--max_steps={steps}", f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={seed}",
+         f"--estimator={estimator}", *RL_ARGS], os.path.join(out_dir, "hf", "config.json"))
+
+
+def family_means(task_values):
+    """{task: value} -> {family: mean over its tasks}, and "all" over every task (each task weighs the same)."""
     by_family = {}
-    for task, values in metrics.items():
+    for task, value in task_values.items():
         if task in FAMILIES:
-            by_family.setdefault(FAMILIES[task], []).append(values[key])
+            by_family.setdefault(FAMILIES[task], []).append(value)
     out = {family: sum(v) / len(v) for family, v in by_family.items()}
-    tasks = [values[key] for task, values in metrics.items() if task in FAMILIES]
+    tasks = [value for task, value in task_values.items() if task in FAMILIES]
     out["all"] = sum(tasks) / len(tasks)
     return out
 
+
+def accuracy(metrics, key="reward_accuracy"):
+    return family_means({task: values[key] for task, values in metrics.items() if task in FAMILIES})
+
+
+def over_seeds(runs):
+    """[{column: value}] of several seeds -> {"mean", "std" (sample), "min", "max"}: each {column: value}."""
+    columns = runs[0].keys()
+    return {"mean": {c: statistics.mean(r[c] for r in runs) for c in columns},
+            "std": {c: statistics.stdev(r[c] for r in runs) if len(runs) > 1 else 0.0 for c in columns},
+            "min": {c: min(r[c] for r in runs) for c in columns},
+            "max": {c: max(r[c] for r in runs) for c in columns}}
+
+
+# -----------------------------------------------------------------------------
+# the blind baseline: what an answer that never looks at the media scores
+
+def blind_baselines(data_dir, candidates=100, sample=300):
+    """{task key: held-out accuracy} of the best answer that ignores the media: one fixed answer per task, the
+    best of `candidates` training answers on `sample` other training rows; for tracking also the first box of the
+    prompt copied to every second, whichever scores higher on the training rows."""
+    with open(os.path.join(data_dir, "sft.json")) as f:
+        sft = json.load(f)
+    with open(os.path.join(data_dir, "eval.json")) as f:
+        held_out = json.load(f)
+    train, test = {}, {}
+    for row in sft:
+        answer = rewards.answer_text(row["messages"][1]["content"])
+        train.setdefault((row["problem_type"], row["data_type"]), []).append((row["messages"][0]["content"], answer))
+    for row in held_out:
+        test.setdefault((row["problem_type"], row["data_type"]), []).append(
+            (row["problem"], rewards.answer_text(row["solution"])))
+    rng = np.random.default_rng(0)
+
+    def score(guess, rows):  # guess: question -> answer
+        return statistics.mean(rewards.score(f"<think></think><answer>{guess(q)}</answer>", gt, pt, dt)[1]["accuracy"]
+                               for q, gt in rows)
+
+    def copy_first_box(question):
+        box = json.loads(re.search(r"starts in box (\[[^\]]*\])", question).group(1))
+        return json.dumps({"boxes": {str(s): box for s in range(1, shapes.SECONDS)}})
+
+    out = {}
+    for (pt, dt), rows in test.items():
+        pool = train[(pt, dt)]
+        picks = [pool[i] for i in rng.choice(len(pool), min(len(pool), candidates + sample), replace=False)]
+        tried, scored_on = picks[:candidates], picks[candidates:]
+        guesses = [lambda q, a=answer: a for _, answer in tried]
+        if pt == "tracking":
+            guesses.append(copy_first_box)
+        scores = {i: score(g, [(q, gt) for q, gt in scored_on]) for i, g in enumerate(guesses)}
+        best = guesses[max(scores, key=scores.get)]
+        out[data.task_key(pt, dt)] = score(best, [(q, gt) for q, gt in rows])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# report: figures and markdown tables
 
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
 
 
-def figures(sft_dir, rl_dir, out_dir):
+def series(rows, key):
+    points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def smooth(values, k=10):
+    return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+
+
+def family_curve(rows, family, part="accuracy"):
+    """(steps, the sampled reward part averaged over the family's tasks) of one RL run."""
+    keys = [f"reward/{task}/{part}" for task, f in FAMILIES.items() if f == family]
+    steps, values = [], []
+    for r in rows:
+        present = [r[k] for k in keys if isinstance(r.get(k), (int, float))]
+        if present:
+            steps.append(r["step"])
+            values.append(sum(present) / len(present))
+    return steps, values
+
+
+def plot_band(ax, runs, label):
+    """runs: [(steps, values)] of several seeds -> the smoothed mean over seeds and a min..max band."""
+    length = min(len(values) for _, values in runs)
+    steps = runs[0][0][:length]
+    curves = np.array([smooth(values[:length]) for _, values in runs])  # [seeds, steps]
+    line, = ax.plot(steps, curves.mean(0), label=label)
+    ax.fill_between(steps, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.2)
+
+
+def figures(sft_dir, rl_dirs, out_dir):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
     sft = read_jsonl(os.path.join(sft_dir, "metrics.jsonl"))
-    rl = read_jsonl(os.path.join(rl_dir, "metrics.jsonl"))
-
-    def series(rows, key):
-        points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-        return [p[0] for p in points], [p[1] for p in points]
-
-    def smooth(values, k=10):
-        return [sum(values[max(0, i - k + 1):i + 1]) / len(values[max(0, i - k + 1):i + 1]) for i in range(len(values))]
+    rls = [read_jsonl(os.path.join(d, "metrics.jsonl")) for d in rl_dirs]
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(*series(sft, "loss"), label="train")
@@ -126,30 +224,23 @@ def figures(sft_dir, rl_dir, out_dir):
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "demo_sft_loss.png"), dpi=110)
 
-    families = {}
-    for task, family in FAMILIES.items():
-        families.setdefault(family, []).append(f"reward/{task}/overall")
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for family, keys in families.items():
-        steps, values = [], []
-        for r in rl:
-            present = [r[k] for k in keys if isinstance(r.get(k), (int, float))]
-            if present:
-                steps.append(r["step"])
-                values.append(sum(present) / len(present))
-        ax.plot(steps, smooth(values), label=family)
-    ax.set(xlabel="RL step", ylabel="mean reward (of 1.5), smoothed", title="RL reward per task family")
+    for family in COLUMNS[:-1]:
+        plot_band(ax, [family_curve(rl, family) for rl in rls], family)
+    ax.set(xlabel="RL step", ylabel="sampled accuracy, smoothed",
+           title=f"RL (EMA-GRPO): mean of {len(rls)} seeds, band min..max")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "demo_rl_reward.png"), dpi=110)
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    rl = rls[0]
     for key in sorted({k[len("ema/"):-len("/std")] for r in rl for k in r if k.startswith("ema/") and k.endswith("/std")}):
         axes[0].plot(*series(rl, f"ema/{key}/std"), label=key)
-    axes[0].set(xlabel="RL step", ylabel="EMA std of reward", title="EMA-GRPO task std")
+    axes[0].set(xlabel="RL step", ylabel="EMA std of reward", title="EMA-GRPO task std (first seed)")
     axes[0].legend(fontsize=6, ncol=2)
     axes[1].plot(*series(rl, "response_length"))
-    axes[1].set(xlabel="RL step", ylabel="tokens", title="mean response length")
+    axes[1].set(xlabel="RL step", ylabel="tokens", title="mean response length (first seed)")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "demo_rl_ema_length.png"), dpi=110)
     plt.close("all")
@@ -159,77 +250,177 @@ def table(rows, columns, title):
     """rows: {name: {column: value}} -> a printed table (markdown, so it pastes into the README)."""
     lines = [f"### {title}", "", "| | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, values in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{values[c]:.3f}" if c in values else "-" for c in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{values[c]:+.3f}" if name.startswith("gain") else f"{values[c]:.3f}"
+                                                  if c in values else "-" for c in columns) + " |")
     print("\n".join(lines) + "\n", flush=True)
 
+
+def seed_rows(label, runs, sft):
+    """Table rows for one estimator's seeds: mean, std, min, max, and the gain of the mean over SFT."""
+    stats = over_seeds(runs)
+    n = f"{len(runs)} seed{'s' * (len(runs) > 1)}"
+    return {f"{label}, mean of {n}": stats["mean"], f"{label}, std over seeds": stats["std"],
+            f"{label}, min": stats["min"], f"{label}, max": stats["max"],
+            f"gain of {label} over SFT": {c: stats["mean"][c] - sft[c] for c in sft}}
+
+
+# -----------------------------------------------------------------------------
+# the main job, then the ablations
 
 def main(argv):
     cfg = common.parse_config(Config, argv)
     t_start = time.time()
     data_dir, model_dir = os.path.join(cfg.out, "data"), os.path.join(cfg.out, "tiny-model")
-    sft_dir, rl_dir = os.path.join(cfg.out, "sft"), os.path.join(cfg.out, "rl")
+    sft_dir = os.path.join(cfg.out, "sft")
     eval_file = os.path.join(data_dir, "eval.json")
+    seeds = [int(s) for s in cfg.rl_seeds.split(",")]
+    minutes = {}
 
     # --- data and the tiny model
+    t0 = time.time()
     run([PY, "shapes.py", f"--out={data_dir}", f"--seed={cfg.seed}", f"--n_sft={cfg.n_sft}",
          f"--n_rl={cfg.n_rl}", f"--n_eval={cfg.n_eval}", f"--tasks={cfg.tasks}"], eval_file)
     run([PY, "model.py", f"--out={model_dir}", f"--data={data_dir}", f"--seed={cfg.seed}"],
         os.path.join(model_dir, "config.json"))
+    minutes["suite"] = (time.time() - t0) / 60
 
     # --- SFT, then evaluation
+    t0 = time.time()
     run([PY, "train_sft.py", f"--model={model_dir}", f"--data={data_dir}/sft.json", f"--out_dir={sft_dir}",
          f"--max_steps={cfg.sft_steps}", "--batch_size=16", "--val_every=100", "--save_every=250",
          f"--seed={cfg.seed}", "--resume=true"], os.path.join(sft_dir, "hf", "config.json"))
+    minutes["sft"] = (time.time() - t0) / 60
+    t0 = time.time()
     sft_metrics = eval_stage(os.path.join(sft_dir, "hf"), os.path.join(cfg.out, "eval-sft"), eval_file, cfg)
+    minutes["eval"] = (time.time() - t0) / 60
 
-    # --- RL (EMA-GRPO), then evaluation
-    run([PY, "train_rl.py", f"--model={sft_dir}/hf", f"--data={data_dir}/rl.json", f"--out_dir={rl_dir}",
-         f"--max_steps={cfg.rl_steps}", f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={cfg.seed}", *RL_ARGS],
-        os.path.join(rl_dir, "hf", "config.json"))
-    rl_metrics = eval_stage(os.path.join(rl_dir, "hf"), os.path.join(cfg.out, "eval-rl"), eval_file, cfg)
+    # --- RL (EMA-GRPO) with each seed, then evaluation
+    t0 = time.time()
+    rl_metrics = []
+    for seed in seeds:
+        out_dir = os.path.join(cfg.out, f"rl-ema_grpo-seed{seed}")
+        rl_stage(cfg, sft_dir, os.path.join(data_dir, "rl.json"), out_dir, "ema_grpo", seed, cfg.rl_steps)
+        rl_metrics.append(eval_stage(os.path.join(out_dir, "hf"), os.path.join(out_dir, "eval"), eval_file, cfg))
+    minutes["rl_and_eval"] = (time.time() - t0) / 60
 
     # --- report: figures, per-task and per-family tables, the summary line
-    figures(sft_dir, rl_dir, cfg.figures)
+    figures(sft_dir, [os.path.join(cfg.out, f"rl-ema_grpo-seed{seed}") for seed in seeds], cfg.figures)
     tasks = [t for t in sft_metrics if t in FAMILIES]
+    blind = blind_baselines(data_dir)
     for key, title in (("format_rate", "format rate"), ("reward", "mean reward (max 1.5)"),
                        ("reward_accuracy", "accuracy (the reward's accuracy term, 0..1)")):
-        table({task: {"after SFT": sft_metrics[task][key], "after RL": rl_metrics[task][key]} for task in tasks},
-              ["after SFT", "after RL"], f"{title}, held-out, per task")
-    sft_family, rl_family = family_means(sft_metrics, "reward_accuracy"), family_means(rl_metrics, "reward_accuracy")
-    columns = list(dict.fromkeys(FAMILIES.values())) + ["all"]
-    table({"after SFT": sft_family, "after RL (EMA-GRPO)": rl_family}, columns, "accuracy per task family")
+        rows = {task: {"after SFT": sft_metrics[task][key],
+                       **{f"RL seed {s}": m[task][key] for s, m in zip(seeds, rl_metrics)}} for task in tasks}
+        if key == "reward_accuracy":
+            rows = {task: {"blind": blind[task], **values} for task, values in rows.items()}
+        table(rows, list(next(iter(rows.values()))), f"{title}, held-out, per task")
+    sft_family = accuracy(sft_metrics)
+    rl_family = [accuracy(m) for m in rl_metrics]
+    table({"blind (no media)": family_means(blind), "after SFT": sft_family,
+           **seed_rows("after RL (EMA-GRPO)", rl_family, sft_family)}, COLUMNS, "accuracy per task family, held-out")
 
     if cfg.ablation:
-        ablation(cfg, sft_dir, data_dir, eval_file, sft_family, columns)
+        t0 = time.time()
+        ablation(cfg, sft_dir, data_dir, eval_file, sft_family, seeds, rl_family)
+        minutes["ablation"] = (time.time() - t0) / 60
+    if cfg.spread_experiment:
+        t0 = time.time()
+        spread_experiment(cfg, sft_dir, data_dir, sft_metrics, seeds)
+        minutes["spread_experiment"] = (time.time() - t0) / 60
 
-    sft_all, rl_all = family_means(sft_metrics, "reward"), family_means(rl_metrics, "reward")
+    stats = over_seeds(rl_family)
+    gain = stats["mean"]["all"] - sft_family["all"]
+    up = sum(stats["mean"][c] > sft_family[c] for c in COLUMNS[:-1])
+    above_blind = sum(sft_family[c] > family_means(blind)[c] for c in COLUMNS[:-1])
     print(f"demo minutes={(time.time() - t_start) / 60:.1f} "
-          f"sft_format_rate={family_means(sft_metrics, 'format_rate')['all']:.3f} "
-          f"sft_reward={sft_all['all']:.3f} rl_reward={rl_all['all']:.3f} "
-          f"sft_accuracy={sft_family['all']:.3f} rl_accuracy={rl_family['all']:.3f}", flush=True)
+          + " ".join(f"{k}_minutes={v:.1f}" for k, v in minutes.items())
+          + f" sft_format_rate={accuracy(sft_metrics, 'format_rate')['all']:.3f}"
+          f" blind_accuracy={family_means(blind)['all']:.3f} sft_accuracy={sft_family['all']:.3f}"
+          f" sft_families_above_blind={above_blind}/{len(COLUMNS) - 1} sft_multiple_choice={sft_family['QA']:.3f}"
+          f" rl_accuracy={stats['mean']['all']:.3f} rl_gain={gain:+.3f} rl_gain_std={stats['std']['all']:.3f}"
+          f" rl_gain_range={stats['min']['all'] - sft_family['all']:+.3f}..{stats['max']['all'] - sft_family['all']:+.3f}"
+          f" rl_families_up={up}/{len(COLUMNS) - 1}", flush=True)
 
 
-def ablation(cfg, sft_dir, data_dir, eval_file, sft_family, columns):
-    """GRPO, Dr.GRPO and EMA-GRPO from the same SFT checkpoint, same seed(s) and budget (SPEC 8's table)."""
-    results = {}
-    for estimator in ("grpo", "dr_grpo", "ema_grpo"):
-        for seed in (int(s) for s in cfg.seeds.split(",")):
-            out_dir = os.path.join(cfg.out, "ablation", f"{estimator}-seed{seed}")
-            eval_dir = os.path.join(out_dir, "eval")
-            if estimator == "ema_grpo" and seed == cfg.seed:  # the main run is this arm: same checkpoint, seed, budget
-                out_dir, eval_dir = os.path.join(cfg.out, "rl"), os.path.join(cfg.out, "eval-rl")
-            run([PY, "train_rl.py", f"--model={sft_dir}/hf", f"--data={data_dir}/rl.json", f"--out_dir={out_dir}",
-                 f"--max_steps={cfg.rl_steps}", f"--max_new_tokens={cfg.max_new_tokens}", f"--seed={seed}",
-                 f"--estimator={estimator}", *RL_ARGS], os.path.join(out_dir, "hf", "config.json"))
-            metrics = eval_stage(os.path.join(out_dir, "hf"), eval_dir, eval_file, cfg)
-            results.setdefault(estimator, []).append(family_means(metrics, "reward_accuracy"))
+def ablation(cfg, sft_dir, data_dir, eval_file, sft_family, seeds, ema_family):
+    """GRPO and Dr.GRPO from the same SFT checkpoint with the main job's seeds and budget; EMA-GRPO is the main job."""
     rows = {"SFT": sft_family}
-    for estimator, runs in results.items():
-        mean = {c: sum(r[c] for r in runs) / len(runs) for c in columns}
-        rows[f"+{estimator} (mean of {len(runs)} seed{'s' * (len(runs) > 1)})"] = mean
-        if len(runs) > 1:
-            rows[f"{estimator} spread (max - min)"] = {c: max(r[c] for r in runs) - min(r[c] for r in runs) for c in columns}
-    table(rows, columns, "ablation: accuracy per task family, held-out")
+    for estimator, label in ESTIMATORS.items():
+        runs = ema_family
+        if estimator != "ema_grpo":
+            runs = []
+            for seed in seeds:
+                out_dir = os.path.join(cfg.out, "ablation", f"{estimator}-seed{seed}")
+                rl_stage(cfg, sft_dir, os.path.join(data_dir, "rl.json"), out_dir, estimator, seed, cfg.rl_steps)
+                runs.append(accuracy(eval_stage(os.path.join(out_dir, "hf"), os.path.join(out_dir, "eval"),
+                                                eval_file, cfg)))
+        stats = over_seeds(runs)
+        rows[f"+{label} (mean of {len(runs)})"] = stats["mean"]
+        rows[f"{label} std over seeds"] = stats["std"]
+    table(rows, COLUMNS, "ablation: accuracy per task family, held-out")
+
+
+# The designed experiment (SPEC 5): a binary reward (multiple choice: 0 or 1, a group's spread is large) next to a
+# dense one whose samples agree closely (segmentation: box IoU and six points averaged, a small spread within a
+# group). GRPO divides each group by its own spread, so both tasks get advantages of the same size; Dr.GRPO divides
+# by nothing, so the dense task's advantages are a small fraction of the binary one's; EMA-GRPO divides by each
+# task's running spread over all its samples, so its dense-task advantages lie between the two.
+SPREAD_TASKS = ("multiple choice", "segmentation")
+
+
+def spread_experiment(cfg, sft_dir, data_dir, sft_metrics, seeds):
+    """Each estimator x seed from the SFT checkpoint on the RL rows of SPREAD_TASKS only; per task: the advantage
+    size it gave, the sampled accuracy during RL, and the held-out accuracy after."""
+    files = {}
+    for split in ("rl", "eval"):
+        with open(os.path.join(data_dir, f"{split}.json")) as f:
+            rows = [row for row in json.load(f) if row["problem_type"] in SPREAD_TASKS]
+        files[split] = os.path.join(data_dir, f"{split}-spread.json")  # next to the media its paths point into
+        with open(files[split], "w") as f:
+            json.dump(rows, f)
+    tasks = sorted({data.task_key(r["problem_type"], r["data_type"]) for r in rows})
+    logs, held_out = {}, {}
+    for estimator in ESTIMATORS:
+        for seed in seeds:
+            out_dir = os.path.join(cfg.out, "spread", f"{estimator}-seed{seed}")
+            rl_stage(cfg, sft_dir, files["rl"], out_dir, estimator, seed, cfg.rl_steps)
+            metrics = eval_stage(os.path.join(out_dir, "hf"), os.path.join(out_dir, "eval"), files["eval"], cfg)
+            logs.setdefault(estimator, []).append(read_jsonl(os.path.join(out_dir, "metrics.jsonl")))
+            held_out.setdefault(estimator, []).append({t: metrics[t]["reward_accuracy"] for t in tasks})
+
+    rows, third = {}, cfg.rl_steps // 3
+    for estimator, label in ESTIMATORS.items():
+        def mean_of(key, steps=slice(None)):  # over seeds, then over the logged steps
+            return statistics.mean(statistics.mean(series(log, key)[1][steps]) for log in logs[estimator])
+        for task in tasks:
+            accuracy_key = f"reward/{task}/accuracy"
+            gains = [run[task] - sft_metrics[task]["reward_accuracy"] for run in held_out[estimator]]
+            rows[f"{label}: {task}"] = {
+                "group std": mean_of(f"advantage/{task}/group_std"), "EMA std": mean_of(f"ema/{task}/std"),
+                "mean abs advantage": mean_of(f"advantage/{task}/abs"),
+                "sampled acc, first third": mean_of(accuracy_key, slice(0, third)),
+                "sampled acc, last third": mean_of(accuracy_key, slice(-third, None)),
+                "held-out gain, mean": statistics.mean(gains),
+                "held-out gain, std": statistics.stdev(gains) if len(gains) > 1 else 0.0}
+    table(rows, list(next(iter(rows.values()))),
+          f"estimators on a binary task next to a low-spread one ({len(seeds)} seeds, {cfg.rl_steps} steps each)")
+    spread_figure(logs, tasks, cfg.figures)
+
+
+def spread_figure(logs, tasks, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.2))
+    for ax, task in zip(axes, tasks):
+        for estimator, label in ESTIMATORS.items():
+            plot_band(ax, [series(log, f"reward/{task}/accuracy") for log in logs[estimator]], label)
+        ax.set(xlabel="RL step", ylabel="sampled accuracy, smoothed", title=task)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "demo_spread.png"), dpi=110)
+    plt.close("all")
 
 
 if __name__ == "__main__":

@@ -446,6 +446,17 @@ def rollout_stats(rolled, kept, tried):
             "filter_keep_rate": sums["kept"] / max(sums["tried"], 1.0)}
 
 
+def advantage_metrics(groups):
+    """Per task key, over every rank's kept groups: the mean spread of the reward within a group (population std)
+    and the mean |advantage| the estimator gave, the two numbers GRPO, Dr.GRPO and EMA-GRPO relate differently."""
+    local = [(data.task_key(g["row"]["problem_type"], g["row"]["data_type"]),
+              [float(np.std([s["overall"] for s in g["scores"]])), float(g["adv"].abs().mean())]) for g in groups]
+    by_task = {}
+    for key, values in common.all_gather_list(local):
+        by_task.setdefault(key, []).append(values)
+    return {key: dict(zip(("group_std", "abs"), np.mean(values, 0).tolist())) for key, values in sorted(by_task.items())}
+
+
 def write_samples(path, step, groups):
     """A few rollouts (the first response of the first kept groups) for reading what the policy writes."""
     with open(path, "a") as f:
@@ -615,6 +626,7 @@ def main(argv):
         # --- log (every step that met a bad row, too)
         if step % cfg.log_every == 0 or new_bad:
             metrics = {"reward": task_metrics(rolled),  # every rolled-out group, before filtering
+                       "advantage": advantage_metrics(kept),  # the groups the update used
                        "ema": tracker.stats(), **rollout_stats(rolled, kept, tried),
                        "reward_errors": float(reward_error),  # 1: some rank's reward raised, no update this step
                        "reward_counters": reward_counters(), "bad_rows": float(len(bad_rows.errors)),

@@ -71,6 +71,27 @@ def test_chat_template_renders_qwen_format(tiny):
     assert plain == "<|im_start|>user\nhi<|im_end|>\n"
 
 
+def test_cpu_vision_tower_equals_hf(suite_dir, model_dir):
+    """load_model's CPU vision tower (patch-embedding backward as a matmul, one attention call per chunk length)
+    gives HF's logits exactly and its gradients up to float rounding, on a batch mixing image and video chunks."""
+    fast, processor = model_lib.load_model(model_dir)
+    assert type(fast.model.visual.patch_embed) is model_lib.CPUPatchEmbed
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, attn_implementation="sdpa")
+    rows = data.load_rows(str(suite_dir / "sft.json")) + data.load_rows(str(suite_dir / "rl.json"))[:3]
+    batch = data.collate(rows, processor, TEST_MEDIA)
+    assert "pixel_values" in batch and "pixel_values_videos" in batch
+    outputs = []
+    for m in (fast, hf):
+        logits = m(**batch).logits  # [B, L, V]
+        (logits.float() ** 2).mean().backward()
+        outputs.append((logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+    (fast_logits, fast_grads), (hf_logits, hf_grads) = outputs
+    assert torch.equal(fast_logits, hf_logits)
+    for name, grad in hf_grads.items():
+        assert torch.allclose(fast_grads[name], grad, rtol=1e-4, atol=1e-7), name
+    assert hf_grads["model.visual.patch_embed.proj.weight"].abs().sum() > 0
+
+
 def test_freeze_vision_leaves_trainable_what_llama_factory_leaves(tiny):
     """LLaMA-Factory's freeze_vision_tower + freeze_multi_modal_projector on Qwen3-VL (the release's SFT) freezes
     names containing visual.patch_embed, visual.blocks or visual.merger: on Qwen3-VL-8B's architecture the vision

@@ -2,9 +2,12 @@
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 import data
 import rewards
@@ -78,20 +81,106 @@ def test_segmentation_masks_match_the_box_and_points(suite):
         assert not any(mask[to_pixel(p)] for p in answer["negative_points"])
 
 
-def test_deterministic_and_splits_disjoint(suite, tmp_path):
+def media_digest(out, rel):
+    """sha1 of an image's bytes, or of a clip's decoded frames (the pixels, whatever the container holds)."""
+    path = os.path.join(out, rel)
+    if rel.endswith(".png"):
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()
+    frames, _ = data.load_video(path, fps=shapes.FPS, max_frames=shapes.FPS * shapes.SECONDS)
+    return hashlib.sha1(frames.tobytes()).hexdigest()
+
+
+def split_contents(out):
+    """{split: (media digests, (problem, answer) of the tasks whose answer pins the scene down)}."""
+    pins_scene = ("OCR", "spatial grounding", "segmentation", "tracking", "spatial-temporal grounding")
+    contents = {}
+    for split in ("sft", "rl", "eval"):
+        digests, answers = set(), set()
+        for row in data.load_rows(os.path.join(out, f"{split}.json")):
+            digests.add(media_digest(out, os.path.relpath(row["media"][0], out)))
+            if row["problem_type"] in pins_scene:
+                question = row["messages"][0]["content"] if split == "sft" else row["problem"]
+                answers.add((question.split("\n")[0].removeprefix("<image>").removeprefix("<video>"),
+                             data.ground_truth(row)))
+        contents[split] = digests, answers
+    return contents
+
+
+def test_deterministic(suite, tmp_path):
     again = str(tmp_path)
     shapes.generate_suite(again, seed=0, n_sft=N, n_rl=N, n_eval=N, workers=2)
     for split in ("sft", "rl", "eval"):
         assert load(suite, split) == load(again, split)
-    digests = {}
-    for split in ("sft", "rl", "eval"):
-        for name in sorted(os.listdir(os.path.join(suite, "media", split))):
-            if name.endswith(".png"):
-                with open(os.path.join(suite, "media", split, name), "rb") as f:
-                    digests.setdefault(hashlib.sha1(f.read()).hexdigest(), set()).add(split)
-    # OCR/math images may coincide by chance (few words and sums); scenes with shapes never do
-    shared = [d for d, splits in digests.items() if len(splits) > 1]
-    assert len(shared) <= 2
+        for name in os.listdir(os.path.join(suite, "media", split)):
+            rel = os.path.join("media", split, name)
+            assert media_digest(suite, rel) == media_digest(again, rel)
+
+
+def test_eval_rows_never_repeat_training_rows(tmp_path):
+    # math has 81 sums: 60 rows a split would share about a dozen sums with each other split if scenes were not
+    # assigned to splits; grounding and the clips show the rule holds for every kind of scene
+    out = str(tmp_path)
+    shapes.generate_suite(out, seed=1, n_sft=120, n_rl=60, n_eval=60, workers=2,
+                          tasks="image_math,image_ocr,image_math,image_grounding,video_tracking,video_temporal")
+    contents = split_contents(out)
+    for a, b in (("sft", "eval"), ("rl", "eval"), ("sft", "rl")):
+        assert not contents[a][0] & contents[b][0], (a, b)  # no image or clip in both
+        assert not contents[a][1] & contents[b][1], (a, b)  # no word or box answer in both
+    assert len(contents["eval"][0]) > 50  # rows within a split may repeat a scene of a small space (sums)
+
+
+def test_a_scene_belongs_to_one_split_whatever_the_task_or_object_order():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        objects = shapes.random_objects(rng, 3)
+        as_choice = shapes.Example("What colour is the circle?", "A", "", objects, ["A. red"])
+        as_count = shapes.Example("How many shapes are in the image?", "3", "", objects[::-1])
+        assert shapes.split_of(as_choice) == shapes.split_of(as_count)
+    assert {shapes.split_of(shapes.image_math(np.random.default_rng(i))) for i in range(30)} == set(shapes.SPLITS)
+    for split in shapes.SPLITS:
+        example = shapes.draw_example([0, 0, 7], split, shapes.image_grounding)
+        assert shapes.split_of(example) == split
+
+
+def test_moving_objects_never_touch():
+    for seed in range(40):
+        objects = shapes.moving_objects(np.random.default_rng(seed), 2)
+        for f in range(shapes.FPS * shapes.SECONDS):
+            a, b = (shapes.mask_of(shapes.at(o, f / shapes.FPS), shapes.VIDEO_SIZE) for o in objects)
+            assert a.any() and b.any() and not (a & b).any(), (seed, f)
+
+
+def test_video_keyframes_options_and_windows_vary(tmp_path):
+    out = str(tmp_path)
+    shapes.generate_suite(out, seed=0, n_sft=1, n_rl=1, n_eval=36, workers=1,
+                          tasks="video_segmentation,video_multiple_choice,video_temporal")
+    rows = load(out, "eval")
+    seg = [json.loads(rewards.answer_text(r["solution"])) for r in rows if r["problem_type"] == "segmentation"]
+    assert len({a["time"] for a in seg}) > 1
+    for row in (r for r in rows if r["problem_type"] == "segmentation"):
+        key_frame = int(json.loads(rewards.answer_text(row["solution"]))["time"] * shapes.FPS)
+        visible = [data.rle_decode(row["segmentation_output"][str(f)]).any() for f in range(shapes.FPS * shapes.SECONDS)]
+        assert visible.index(True) == key_frame and all(visible[key_frame:])  # the first frame in view
+    choice = [r for r in rows if r["problem_type"] == "multiple choice"]
+    assert len({tuple(r["options"]) for r in choice}) > 1 and len({r["solution"] for r in choice}) > 1
+    for row in choice:  # the answer letter names the direction the question's shape moves
+        letter = rewards.answer_text(row["solution"])
+        assert any(o.startswith(letter + ". ") for o in row["options"])
+    windows = {tuple(json.loads(rewards.answer_text(r["solution"]))["time"]) for r in rows
+               if r["problem_type"] == "temporal grounding"}
+    assert len(windows) > 3 and all(1.0 <= e - s <= 2.0 for s, e in windows)
+
+
+def test_cli_writes_the_suite(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "shapes.py"), f"--out={tmp_path}", "--seed=3",
+                             "--n_sft=2", "--n_rl=1", "--n_eval=1", "--workers=1", "--tasks=image_grounding"],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert [len(load(str(tmp_path), s)) for s in ("sft", "rl", "eval")] == [2, 1, 1]
+    bad = subprocess.run([sys.executable, os.path.join(REPO, "shapes.py"), "--n_sfr=2"], capture_output=True,
+                         text=True, cwd=REPO)
+    assert bad.returncode != 0 and "n_sfr" in bad.stderr
 
 
 def test_task_subset_cycles_through_the_chosen_tasks_only(tmp_path):

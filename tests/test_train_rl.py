@@ -147,6 +147,23 @@ def test_prefetched_batches_equal_the_synchronous_path(model_dir, suite_dir, tmp
 # the update step alone
 
 
+def test_advantage_metrics_per_task():
+    """Per task: the spread within each group and the advantage size. GRPO divides a group by its own (unbiased)
+    std, so a binary group and a narrow dense one get similar advantages; Dr.GRPO keeps the raw centred reward."""
+    scores = {"multiple choice": [0.1, 1.1, 0.1, 1.1], "spatial grounding": [0.60, 0.62, 0.64, 0.66]}
+    expected_abs = {"grpo": {"multiple choice": 0.5 / (1 / 3) ** 0.5, "spatial grounding": 0.02 / (0.002 / 3) ** 0.5},
+                    "dr_grpo": {"multiple choice": 0.5, "spatial grounding": 0.02}}
+    for estimator, expected in expected_abs.items():
+        groups = [{"row": {"problem_type": task, "data_type": "image"}, "scores": [{"overall": v} for v in values],
+                   "adv": ema_grpo.advantages(torch.tensor(values), [0] * 4, [task] * 4, None, estimator)}
+                  for task, values in scores.items()]
+        metrics = train_rl.advantage_metrics(groups)
+        assert metrics["multiple choice"]["group_std"] == pytest.approx(0.5)
+        assert metrics["spatial grounding"]["group_std"] == pytest.approx(0.0005 ** 0.5)
+        for task, value in expected.items():
+            assert metrics[task]["abs"] == pytest.approx(value, rel=1e-4), (estimator, task)
+
+
 def test_ppo_step_skips_a_non_finite_update(model_dir, suite_dir):
     tiny_model, processor = model_lib.load_model(model_dir)
     rows = data.load_rows(str(suite_dir / "rl.json"))
