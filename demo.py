@@ -158,8 +158,9 @@ def blind_baselines(data_dir, candidates=100, sample=300):
     out = {}
     for (pt, dt), rows in test.items():
         pool = train[(pt, dt)]
-        picks = [pool[i] for i in rng.choice(len(pool), min(len(pool), candidates + sample), replace=False)]
-        tried, scored_on = picks[:candidates], picks[candidates:]
+        n_try = min(candidates, len(pool) // 2)  # a small suite: half the rows propose, half score
+        picks = [pool[i] for i in rng.choice(len(pool), min(len(pool), n_try + sample), replace=False)]
+        tried, scored_on = (picks[:n_try], picks[n_try:]) if n_try else (picks, picks)
         guesses = [lambda q, a=answer: a for _, answer in tried]
         if pt == "tracking":
             guesses.append(copy_first_box)
@@ -390,8 +391,10 @@ def spread_experiment(cfg, sft_dir, data_dir, sft_metrics, seeds):
 
     rows, third = {}, cfg.rl_steps // 3
     for estimator, label in ESTIMATORS.items():
-        def mean_of(key, steps=slice(None)):  # over seeds, then over the logged steps
-            return statistics.mean(statistics.mean(series(log, key)[1][steps]) for log in logs[estimator])
+        def mean_of(key, steps=slice(None)):  # over seeds, then over the logged steps (nan: never logged, e.g.
+            # a task with no kept group: its advantages are logged only for groups the update used)
+            values = [series(log, key)[1][steps] for log in logs[estimator]]
+            return statistics.mean(statistics.mean(v) for v in values) if all(values) else float("nan")
         for task in tasks:
             accuracy_key = f"reward/{task}/accuracy"
             gains = [run[task] - sft_metrics[task]["reward_accuracy"] for run in held_out[estimator]]
