@@ -164,9 +164,9 @@ def blind_baselines(data_dir, candidates=100, sample=300):
         guesses = [lambda q, a=answer: a for _, answer in tried]
         if pt == "tracking":
             guesses.append(copy_first_box)
-        scores = {i: score(g, [(q, gt) for q, gt in scored_on]) for i, g in enumerate(guesses)}
+        scores = {i: score(g, scored_on) for i, g in enumerate(guesses)}
         best = guesses[max(scores, key=scores.get)]
-        out[data.task_key(pt, dt)] = score(best, [(q, gt) for q, gt in rows])
+        out[data.task_key(pt, dt)] = score(best, rows)
     return out
 
 
