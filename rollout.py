@@ -113,10 +113,11 @@ def sample_with(logits, u, temperature, top_p, top_k):
             mass_before = (probs.cumsum(-1) - probs) / probs.sum(-1, keepdim=True)  # [A, V]
             probs = probs.masked_fill(mass_before >= top_p, 0)  # the smallest prefix holding top_p of the mass
     cdf = probs.cumsum(-1)  # [A, V]
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # [A, 1] first token whose cdf exceeds u:
-    # never a 0-probability one
-    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1, keepdim=True)  # [A, 1] in case u rounded up
-    index = torch.minimum(index, last)
+    total = cdf[:, -1:].contiguous()  # [A, 1]
+    index = torch.searchsorted(cdf, u * total, right=True)  # [A, 1] first token whose cdf exceeds u * total: never a
+    # 0-probability one, except past the end when u * total rounds up to the total; then the first token whose cdf
+    # reaches the total (a positive one: it raised the cdf there)
+    index = torch.minimum(index, torch.searchsorted(cdf, total))
     return (index if order is None else order.gather(-1, index)).squeeze(-1)  # [A]
 
 
@@ -214,7 +215,8 @@ def compiled_step(device_type):
     replayed as one graph), on CPU inductor's default mode (fused C++ loops). dynamic=True: one compilation
     serves every (rows, cache length) bucket, and one more a single row (torch specializes sizes of 1); CUDA
     graphs still record one graph per bucket, which is why the shapes are bucketed."""
-    return torch.compile(decode_and_sample, dynamic=True, mode="reduce-overhead" if device_type == "cuda" else None)
+    return torch.compile(decode_and_sample, dynamic=True, mode="reduce-overhead" if device_type == "cuda" else None,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
 def bucket(n):
@@ -342,7 +344,8 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                 torch.compiler.cudagraph_mark_step_begin()
             length = S if static else P + t + 1  # CUDA graphs: the whole bucket (fixed shapes); else the written
             tokens, logp = step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k)
-            tokens, logp = tokens.clone(), logp.clone()  # CUDA graphs reuse their output buffers next step
+            if static:  # CUDA graphs reuse their output buffers next step
+                tokens, logp = tokens.clone(), logp.clone()
             positions, slot = positions + 1, slot + 1
 
     T = int(lengths[:Bn].max())

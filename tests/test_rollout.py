@@ -341,6 +341,11 @@ def test_sample_distribution_and_filters():
     assert top_p[2:].sum() == 0
     assert torch.equal(rollout.sample(logits[:3], temperature=0), torch.zeros(3, dtype=torch.long))
     assert (rollout.sample(logits, top_p=0.1, generator=torch.Generator().manual_seed(0)) == 0).all()
+    # a uniform at the top of the range (u * total rounding up to the total) still lands on a positive token, the
+    # last one, never on the zero-probability tail or past the vocabulary
+    edge = torch.log(torch.tensor([[0.25, 0.25, 0.5, 0.0, 0.0]]))
+    for u in (1.0, 1 - 1e-8, 0.0):
+        assert rollout.sample_with(edge, torch.tensor([[u]]), 1.0, 1.0, 0).item() == (2 if u else 0)
 
 
 def test_sample_draws_one_uniform_per_row():
