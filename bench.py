@@ -101,7 +101,7 @@ def decode_ops(model, processor):
 class RolloutConfig:
     model: str = model_lib.DEFAULT_MODEL_DIR  # the tiny model is built if missing
     new_tokens: int = 96  # tokens generated per row (EOS suppressed on every side)
-    rounds: int = 7  # timed rounds per side, order rotated; the median counts (a 2-core VM is noisy: 3 rounds swung 2.4x..3.1x)
+    rounds: int = 7  # timed rounds per side, order rotated; the median counts (3 swung 2.4x..3.1x on a loaded VM)
 
 
 def bench_rollout(argv):
