@@ -298,15 +298,26 @@ def video_multiple_choice(rng):
                    f"The {name(o)} moves {o['direction']}. {options_up_to(options, letter)}", objects, options)
 
 
+def seconds_in_view(o):
+    """The temporal rationale: each second of the clip read in turn, "0.0 s no, 1.0 s yes, ...". The model sees a
+    clip as one group of vision tokens per second (two frames at 2 fps merged by the temporal patch), each after
+    its timestamp; a yes/no per second is one look at one group, and the window then runs from the first "yes" to
+    the end of the last. The rationale before it, "The square appears at 1.0 s.", asked for the first group
+    holding the object in one step, and the tiny model answered one fixed window for every clip (temporal and
+    spatio-temporal grounding under their blind level in all of 3 demo runs); with this readout, 1,300 mixed SFT
+    steps reached temporal IoU 0.89-0.91 on 2 suite seeds (README, "The demo")."""
+    return ", ".join(f"{float(s)} s {'yes' if visible(o, s) else 'no'}" for s in range(SECONDS))
+
+
 def video_temporal(rng):
     objects = moving_objects(rng, int(rng.integers(1, 3)), speed=(0, 3))
     o = objects[0]
-    # visible for 1 to 2 s on a half-second grid (the model sees frames at 2 fps): a blind guess scores little
-    duration = float(rng.integers(2, 5)) / 2  # 1.0, 1.5 or 2.0
-    o["start"] = float(rng.integers(0, int(2 * (SECONDS - duration)) + 1)) / 2
+    # in view for 1 or 2 whole seconds: a window boundary never splits a temporal patch (two frames, one second)
+    duration = float(rng.integers(1, 3))
+    o["start"] = float(rng.integers(0, SECONDS - int(duration) + 1))
     o["end"] = o["start"] + duration
     answer = dumps({"time": [o["start"], o["end"]]})
-    return Example(f"When is the {name(o)} visible?", answer, f"The {name(o)} appears at {o['start']} s.", objects)
+    return Example(f"When is the {name(o)} visible?", answer, f"The {name(o)}: {seconds_in_view(o)}.", objects)
 
 
 def video_spatial_temporal(rng):
@@ -318,7 +329,7 @@ def video_spatial_temporal(rng):
     boxes = {str(s): box_of(at(o, s), VIDEO_SIZE) for s in seconds}
     answer = dumps({"time": [o["start"], o["end"]], "boxes": boxes})
     return Example(f"When and where is the {name(o)}?", answer,
-                   f"The {name(o)} appears at {o['start']} s and moves {o['direction']}.", objects)
+                   f"The {name(o)}: {seconds_in_view(o)}; it moves {o['direction']}.", objects)
 
 
 def video_tracking(rng):

@@ -172,6 +172,24 @@ def test_video_keyframes_options_and_windows_vary(tmp_path):
     assert len(windows) > 3 and all(1.0 <= e - s <= 2.0 for s, e in windows)
 
 
+
+@pytest.mark.parametrize("task", [shapes.video_temporal, shapes.video_spatial_temporal])
+def test_seconds_in_view_rationale_matches_the_answer_and_the_pixels(task):
+    for seed in range(12):
+        example = task(np.random.default_rng(seed))
+        o = example.objects[0]  # the object asked about
+        readout = example.think.split(": ", 1)[1].split(";")[0].rstrip(".").split(", ")
+        said = [part.endswith(" yes") for part in readout]
+        assert [part.split(" s ")[0] for part in readout] == [f"{float(s)}" for s in range(shapes.SECONDS)]
+        start, end = json.loads(example.answer)["time"]
+        assert start == int(start) and end == int(end)  # whole seconds: a temporal patch is never split
+        assert said == [start <= s < end for s in range(shapes.SECONDS)], (seed, example.think, example.answer)
+        clip = shapes.render_clip(example.objects)  # [T, H, W, 3]
+        for f, frame in enumerate(clip):
+            inside = shapes.mask_of(shapes.at(o, f / shapes.FPS), shapes.VIDEO_SIZE)
+            drawn = (frame[inside] == shapes.COLOURS[o["colour"]]).all(-1).mean() > 0.5
+            assert drawn == said[f // shapes.FPS], (seed, f)
+
 def test_cli_writes_the_suite(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "shapes.py"), f"--out={tmp_path}", "--seed=3",
                              "--n_sft=2", "--n_rl=1", "--n_eval=1", "--workers=1", "--tasks=image_grounding"],
