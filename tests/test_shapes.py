@@ -172,7 +172,6 @@ def test_video_keyframes_options_and_windows_vary(tmp_path):
     assert len(windows) > 3 and all(1.0 <= e - s <= 2.0 for s, e in windows)
 
 
-
 @pytest.mark.parametrize("task", [shapes.video_temporal, shapes.video_spatial_temporal])
 def test_seconds_in_view_rationale_matches_the_answer_and_the_pixels(task):
     for seed in range(12):
@@ -189,6 +188,7 @@ def test_seconds_in_view_rationale_matches_the_answer_and_the_pixels(task):
             inside = shapes.mask_of(shapes.at(o, f / shapes.FPS), shapes.VIDEO_SIZE)
             drawn = (frame[inside] == shapes.COLOURS[o["colour"]]).all(-1).mean() > 0.5
             assert drawn == said[f // shapes.FPS], (seed, f)
+
 
 def test_cli_writes_the_suite(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(REPO, "shapes.py"), f"--out={tmp_path}", "--seed=3",
