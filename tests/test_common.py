@@ -1,4 +1,5 @@
 """common.py: config overrides, checkpoint round trips, HF export, logging, and FSDP2 + DCP on 2 gloo ranks."""
+import atexit
 import dataclasses
 import json
 import os
@@ -320,12 +321,15 @@ def _worker(out_dir):
     if rank == 0:
         with open(os.path.join(out_dir, "mixed.json"), "w") as f:
             json.dump(summary, f)
+    # written at the interpreter's finalization, which common.cleanup ends the process before
+    atexit.register(lambda: open(os.path.join(out_dir, f"finalized{rank}"), "w").close())
     common.cleanup()
 
 
 def test_torchrun_fsdp_checkpoint_matches_single_process(tmp_path):
     returncode, stderr = torchrun([os.path.abspath(__file__), str(tmp_path)])
     assert returncode == 0, stderr[-4000:]
+    assert not list(tmp_path.glob("finalized*"))  # each rank ended inside common.cleanup (its docstring says why)
     assert json.load(open(tmp_path / "mixed.json")) == {"bf16_logits": 1.0, "fp32_master": 1.0, "fp32_grads": 1.0}
 
     # the same global batch in one process

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import torchrun
 
+import common
 from ema_grpo import TaskEMA, advantages, kl_penalty, ppo_loss
 
 
@@ -199,14 +200,12 @@ def _rank_batches(rank):
 
 
 def _worker(out_dir):
-    import torch.distributed as dist
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
+    rank = common.init_distributed()[0]
     tracker = TaskEMA()
     advs = [advantages(*batch, tracker).tolist() for batch in _rank_batches(rank)]
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"state": tracker.state_dict(), "advantages": advs}, f)
-    dist.destroy_process_group()
+    common.cleanup()
 
 
 def test_two_ranks_share_the_ema_state(tmp_path):
