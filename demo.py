@@ -220,8 +220,12 @@ def figures(sft_dir, rl_dirs, out_dir):
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.plot(*series(sft, "loss"), label="train")
     ax.plot(*series(sft, "val_loss"), "o-", label="held-out")
-    ax.set(xlabel="optimizer step", ylabel="loss (assistant tokens)", title="SFT loss", yscale="log")
-    ax.legend()
+    ax.set(xlabel="optimizer step", ylabel="loss (assistant tokens)", title="SFT loss and media-swap gap", yscale="log")
+    ax.legend(loc="upper left")
+    gap = ax.twinx()  # held-out loss with swapped media minus with their own: how much the answers read the media
+    gap.plot(*series(sft, "val_media_gap"), "s--", color="tab:green", label="media-swap gap")
+    gap.set_ylabel("media-swap gap")
+    gap.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "demo_sft_loss.png"), dpi=110)
 
@@ -330,6 +334,8 @@ def main(argv):
         minutes["spread_experiment"] = (time.time() - t0) / 60
 
     stats = over_seeds(rl_family)
+    # the SFT checkpoint's last media-swap gap (train_sft.py): ~0 for a draw that answers from the text alone
+    media_gap = [r["val_media_gap"] for r in read_jsonl(os.path.join(sft_dir, "metrics.jsonl")) if "val_media_gap" in r]
     gain = stats["mean"]["all"] - sft_family["all"]
     up = sum(stats["mean"][c] > sft_family[c] for c in COLUMNS[:-1])
     above_blind = sum(sft_family[c] > family_means(blind)[c] for c in COLUMNS[:-1])
@@ -338,6 +344,7 @@ def main(argv):
           + f" sft_format_rate={accuracy(sft_metrics, 'format_rate')['all']:.3f}"
           f" blind_accuracy={family_means(blind)['all']:.3f} sft_accuracy={sft_family['all']:.3f}"
           f" sft_families_above_blind={above_blind}/{len(COLUMNS) - 1} sft_multiple_choice={sft_family['QA']:.3f}"
+          f" sft_media_gap={media_gap[-1] if media_gap else float('nan'):.3f}"
           f" rl_accuracy={stats['mean']['all']:.3f} rl_gain={gain:+.3f} rl_gain_std={stats['std']['all']:.3f}"
           f" rl_gain_range={stats['min']['all'] - sft_family['all']:+.3f}..{stats['max']['all'] - sft_family['all']:+.3f}"
           f" rl_families_up={up}/{len(COLUMNS) - 1}", flush=True)

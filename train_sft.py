@@ -16,6 +16,9 @@ What it leaves out of the release (LLaMA-Factory): DeepSpeed ZeRO-3 (FSDP2 inste
 sequences and turns no liger kernels on); README's table "What differs from the release" lists the rest. With
 several rows per micro-batch (the shapes preset) a step's rows are sorted by length into micro-batches and the
 padding share is logged.
+Validation logs val_loss and val_media_gap: the loss of the held-out rows with each row's media swapped for those
+of another held-out row of the same grid, minus their loss with their own (media_swapped); near 0 when the
+answers are read from the text alone, the demo's check that an SFT draw learned to look (README, "The demo").
 The exported model (out_dir/hf) loads with from_pretrained and is the starting point of train_rl.py and eval.py.
 Faults (README "Faults tried"): as in train_rl.py, a row that fails at run time (media that do not decode, more
 tokens than the model context, a cutoff_len that would cut into its media) is named and replaced, SIGTERM is
@@ -90,7 +93,7 @@ class Config:
     sizing: str = MEDIA.sizing  # fit (ours) | easyr1 (the release's; LLaMA-Factory's image arithmetic is EasyR1's)
     cache_inputs: bool = True  # keep rows' processor outputs in memory (media decode dominates tiny steps)
     # validation, logging, checkpoints
-    val_rows: int = 128  # held out of `data` (a seeded choice) for the validation loss
+    val_rows: int = 128  # held out of `data` (a seeded choice) for the validation loss and val_media_gap
     val_every: int = 250
     log_every: int = 10
     save_every: int = 500
@@ -189,6 +192,31 @@ def validation_loss(model, pairs, cfg, pad_id, device):
     model.train()
     sums = common.all_reduce({"loss": total, "count": count})
     return sums["loss"] / max(sums["count"], 1.0)
+
+
+MEDIA_TENSORS = {"image_grid_thw": "pixel_values", "video_grid_thw": "pixel_values_videos"}  # grid -> pixels
+
+
+def media_swapped(pairs):
+    """(originals, swapped): of the (row, encoded row) pairs, those whose media another pair's can stand in for
+    (the same grids, so the same media tokens and the same text), and each of them again with the pixels of the
+    next such pair. The validation loss on `swapped` minus that on `originals` is how much the model reads its
+    media: ~0 when it answers from the text alone (README: the demo's SFT draws that never learn to look). Rows
+    of real data rarely share a grid; the shapes suite's mostly do."""
+    groups = {}
+    for row, item in pairs:
+        grids = tuple((key, tuple(item[key].flatten().tolist())) for key in MEDIA_TENSORS if key in item)
+        if grids:
+            groups.setdefault(grids, []).append((row, item))
+    originals, swapped = [], []
+    for group in groups.values():
+        for i, (row, item) in enumerate(group if len(group) > 1 else []):
+            other = group[(i + 1) % len(group)][1]
+            originals.append((row, item))
+            swapped.append((row, {**item, **{MEDIA_TENSORS[k]: other[MEDIA_TENSORS[k]] for k in MEDIA_TENSORS
+                                             if k in item}}))
+    keep = int(common.all_reduce(float(len(originals)), "min"))  # every rank the same number of forwards (FSDP)
+    return originals[:keep], swapped[:keep]
 
 
 def step_batches(pairs, cfg, pad_id, device):
@@ -304,6 +332,7 @@ def main(argv):
     bad_rows = data.BadRows(None if cfg.skip_bad_rows else cfg.max_bad_rows)
     train_rows, val_rows = load_split(cfg, rank, world_size)
     val_pairs = encoded_val_rows(val_rows, encode_row, bad_rows) if cfg.val_rows else []
+    own_media, swapped_media = media_swapped(val_pairs)
     sampler = data.ShardedSampler(len(train_rows), rank, world_size, seed=cfg.seed)
     rows_per_rank = cfg.batch_size // world_size
     total_steps = cfg.max_steps or len(train_rows) // cfg.batch_size
@@ -374,7 +403,9 @@ def main(argv):
                               **({"bad_rows_new": "; ".join(new_bad)} if new_bad else {}),
                               "sec": {"step": time.perf_counter() - t0, "data": t_data}})
         if cfg.val_rows and (step % cfg.val_every == 0 or step == total_steps):
-            logger.log(step, {"val_loss": validation_loss(model, val_pairs, cfg, pad_id, device)})
+            logger.log(step, {"val_loss": validation_loss(model, val_pairs, cfg, pad_id, device), **(
+                {"val_media_gap": validation_loss(model, swapped_media, cfg, pad_id, device)
+                 - validation_loss(model, own_media, cfg, pad_id, device)} if own_media else {})})
         stopping = stop.stop_after_step()
         if step % cfg.save_every == 0 or step == total_steps or stopping:
             state = {"sampler": sampler.state_dict(), "rng": common.rng_state(), "truncated": truncated}

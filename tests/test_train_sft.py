@@ -115,6 +115,33 @@ def test_lr_schedule_and_length_sorted_micro_batches(suite_dir):
     assert batches == [[image, long], [video, video]]  # image rows together, the shorter first
 
 
+def test_media_gap_swaps_pixels_of_rows_with_the_same_grid(tiny, suite_dir):
+    """media_swapped pairs rows whose media have the same grids (a lone grid and text-only rows stay out) and
+    gives each the next one's pixels; the loss gap is 0 when the pixels are equal and not when they differ."""
+    tiny_model, processor = tiny
+    image, video = data.load_rows(str(suite_dir / "sft.json"))  # b.png and clip.mp4
+    text = {**image, "source": "text", "images": [], "media_types": [],
+            "messages": [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": answer("4")}]}
+    items = {r["source"]: data.encode_row(r, processor, TEST_MEDIA, with_answer=True) for r in (image, video, text)}
+    noisy = {**items[image["source"]], "pixel_values": items[image["source"]]["pixel_values"].flip(0)}
+    rows = [{**image, "source": f"image{i}"} for i in range(3)]
+    pairs = [(rows[0], items[image["source"]]), (video, items[video["source"]]), (rows[1], noisy),
+             (text, items["text"]), (rows[2], items[image["source"]])]
+    originals, swapped = train_sft.media_swapped(pairs)
+    assert [r["source"] for r, _ in originals] == ["image0", "image1", "image2"]
+    assert [r["source"] for r, _ in swapped] == ["image0", "image1", "image2"]
+    for (_, own), (_, other), (_, new) in zip(originals, originals[1:] + originals[:1], swapped):
+        assert new["ids"] == own["ids"] and torch.equal(new["pixel_values"], other["pixel_values"])
+
+    cfg = train_sft.Config(micro_batch_size=1)
+    pad_id = processor.tokenizer.pad_token_id
+    def loss(pairs):
+        return train_sft.validation_loss(tiny_model, pairs, cfg, pad_id, torch.device("cpu"))
+    # image2 takes image0's pixels, equal to its own: no gap; image0 takes the flipped pixels of image1: a gap
+    assert loss(swapped[2:]) == loss(originals[2:])
+    assert abs(loss(swapped[:1]) - loss(originals[:1])) > 1e-6
+
+
 # -----------------------------------------------------------------------------
 # whole runs
 
