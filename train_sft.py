@@ -18,7 +18,8 @@ several rows per micro-batch (the shapes preset) a step's rows are sorted by len
 padding share is logged.
 Validation logs val_loss and val_media_gap: the loss of the held-out rows with each row's media swapped for those
 of another held-out row of the same grid, minus their loss with their own (media_swapped); near 0 when the
-answers are read from the text alone, the demo's check that an SFT draw learned to look (README, "The demo").
+answers are read from the text alone: a draw that reads its media needs a gap, though a gap alone does not make
+a good draw (README, "The demo").
 The exported model (out_dir/hf) loads with from_pretrained and is the starting point of train_rl.py and eval.py.
 Faults (README "Faults tried"): as in train_rl.py, a row that fails at run time (media that do not decode, more
 tokens than the model context, a cutoff_len that would cut into its media) is named and replaced, SIGTERM is
@@ -201,7 +202,7 @@ def media_swapped(pairs):
     """(originals, swapped): of the (row, encoded row) pairs, those whose media another pair's can stand in for
     (the same grids, so the same media tokens and the same text), and each of them again with the pixels of the
     next such pair. The validation loss on `swapped` minus that on `originals` is how much the model reads its
-    media: ~0 when it answers from the text alone (README: the demo's SFT draws that never learn to look). Rows
+    media: ~0 when it answers from the text alone (README: the demo's SFT draws that do not read their media). Rows
     of real data rarely share a grid; the shapes suite's mostly do."""
     groups = {}
     for row, item in pairs:
@@ -213,8 +214,8 @@ def media_swapped(pairs):
         for i, (row, item) in enumerate(group if len(group) > 1 else []):
             other = group[(i + 1) % len(group)][1]
             originals.append((row, item))
-            swapped.append((row, {**item, **{MEDIA_TENSORS[k]: other[MEDIA_TENSORS[k]] for k in MEDIA_TENSORS
-                                             if k in item}}))
+            pixels = {key: other[key] for grid, key in MEDIA_TENSORS.items() if grid in item}
+            swapped.append((row, {**item, **pixels}))
     keep = int(common.all_reduce(float(len(originals)), "min"))  # every rank the same number of forwards (FSDP)
     return originals[:keep], swapped[:keep]
 
