@@ -79,8 +79,9 @@ class Config:
     max_skipped_steps: int = 5  # non-finite steps in a row stop the run, exit non-zero and export nothing
     # True: the vision tower's patch embedding and blocks and its merger stay as they are, as LLaMA-Factory's
     # freeze_vision_tower + freeze_multi_modal_projector (the release); the position embedding and deepstack
-    # mergers still train (model.freeze_vision). False for the tiny model, whose tower is random and must learn
-    freeze_vision: bool = False
+    # mergers still train (model.freeze_vision). True for the tiny model too, though its tower is random: trained,
+    # the tower's features collapse in the first ~200 steps and fewer draws learn to read their media (README)
+    freeze_vision: bool = True
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
     cutoff_len: int = 0  # > 0: longer rows are cut as LLaMA-Factory cuts them, counted and logged; 0: never cut
