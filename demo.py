@@ -47,7 +47,7 @@ class Config:
     n_sft: int = 10000
     n_rl: int = 3200
     n_eval: int = 2400  # 300 rows per entry of `tasks`
-    sft_steps: int = 1700  # of 16 rows, vision tower frozen (its steps cost ~3/4 of a trained tower's)
+    sft_steps: int = 1700  # of 16 rows, vision tower frozen (README, "The frozen tower")
     rl_steps: int = 100
     rl_seeds: str = "0,1,2"  # RL runs of the main job (and of each estimator in the ablations), comma-separated
     max_new_tokens: int = 128
