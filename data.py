@@ -9,6 +9,8 @@ Everything that turns a row into tokens lives here so that SFT, RL and eval see 
 Rows that pass this check can still fail when decoded in full at run time (a truncated file past its header):
 the trainers skip those as bad rows (BadRows, draw_rows) and name them.
 """
+import concurrent.futures
+import copy
 import json
 import math
 import os
@@ -1071,6 +1073,38 @@ def draw_rows(rows, sampler, n, encode, bad_rows):
             raise RuntimeError(f"the last {sampler.num_rows} rows this rank drew all failed, e.g. "
                                f"{next(reversed(bad_rows.errors.values()))}")
     return out
+
+
+class Prefetcher:
+    """Encoded rows (media decode and the processor) prepared ahead on a background thread: ahead(rows) starts on
+    the rows the sampler draws next while the trainer works on this batch; prefetcher(row) returns a row's encoded
+    item, waiting for it if it was sent ahead. All encoding runs on that one thread, in order (the processor is
+    not thread-safe), and a row whose encoding raises raises where it is asked for, as without prefetching."""
+
+    def __init__(self, encode_row):
+        self.encode_row = encode_row
+        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending = {}  # row source -> Future of its item
+
+    def ahead(self, rows):
+        pending, self.pending = self.pending, {}
+        for row in rows:
+            self.pending[row["source"]] = pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
+        for future in pending.values():  # sent ahead but not drawn after all
+            future.cancel()
+
+    def __call__(self, row):
+        future = self.pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
+        return future.result()
+
+
+def draw_batch(rows, sampler, n, prefetcher, bad_rows):
+    """draw_rows' n (row, encoded row) pairs, then the n rows after them sent ahead: the sampler draws those next
+    (the next step, or an RL refill). A copy of the sampler tells which (shallow: drawing rebinds its
+    attributes, it mutates nothing), so a checkpoint's sampler state is that of a run without prefetching."""
+    batch = draw_rows(rows, sampler, n, prefetcher, bad_rows)
+    prefetcher.ahead([rows[i] for i in copy.copy(sampler).next_batch(n)])
+    return batch
 
 
 # -----------------------------------------------------------------------------

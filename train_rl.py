@@ -15,7 +15,7 @@ One step, top to bottom: sample prompts -> roll out group_size answers each (rol
 -> drop groups whose mean accuracy is ~0 or ~1 and refill (all three in `collect_groups`) -> advantages
 (ema_grpo.py, the task EMA shared by all ranks) -> old log-probs (when ppo_updates > 1) -> ppo_updates optimizer
 steps over mini-batches -> log -> checkpoint. Meanwhile a background thread decodes the media of the prompts
-drawn next (`Prefetcher`), and the update reuses the rollout's model inputs; sec/data logs the wait for them.
+drawn next (`data.Prefetcher`), and the update reuses the rollout's model inputs; sec/data logs the wait for them.
 
 The release preset feeds the model what the release fed it: its prompt text (data.RELEASE_TEMPLATE) with the
 media where <image> / <video> stand in the problem, and EasyR1's media sizing (data.py).
@@ -31,8 +31,6 @@ reward-model client has a timeout, retries and a circuit breaker; a damaged newe
 the previous one loaded; a resume may change the number of ranks.
 """
 import collections
-import concurrent.futures
-import copy
 import json
 import math
 import os
@@ -223,38 +221,6 @@ def keep_group(group, cfg):
     return cfg.filter_low < mean_acc < cfg.filter_high
 
 
-class Prefetcher:
-    """Encoded prompts (media decode and the processor) prepared ahead on a background thread: ahead(rows) starts on
-    the rows the sampler draws next while this batch generates and scores; prefetcher(row) returns a row's encoded
-    item, waiting for it if it was sent ahead. All encoding runs on that one thread, in order (the processor is
-    not thread-safe), and a row whose encoding raises raises where it is asked for, as without prefetching."""
-
-    def __init__(self, encode_row):
-        self.encode_row = encode_row
-        self.worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
-        self.pending = {}  # row source -> Future of its item
-
-    def ahead(self, rows):
-        pending, self.pending = self.pending, {}
-        for row in rows:
-            self.pending[row["source"]] = pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
-        for future in pending.values():  # sent ahead but not drawn after all
-            future.cancel()
-
-    def __call__(self, row):
-        future = self.pending.pop(row["source"], None) or self.worker.submit(self.encode_row, row)
-        return future.result()
-
-
-def draw_batch(rows, sampler, n, prefetcher, bad_rows):
-    """data.draw_rows' n (row, encoded prompt) pairs, then the n rows after them sent ahead: the sampler draws
-    those next, for a refill or the next step. A copy of the sampler tells which (shallow: drawing rebinds its
-    attributes, it mutates nothing), so a checkpoint's sampler state is that of a run without prefetching."""
-    batch = data.draw_rows(rows, sampler, n, prefetcher, bad_rows)
-    prefetcher.ahead([rows[i] for i in copy.copy(sampler).next_batch(n)])
-    return batch
-
-
 def collect_groups(model, prefetcher, rows, sampler, bad_rows, cfg, generator, device, stop_ids, tokenizer,
                    timing, stop):
     """Rollout + reward + online filtering for one step: roll out and score batches of this rank's prompts until
@@ -272,7 +238,7 @@ def collect_groups(model, prefetcher, rows, sampler, bad_rows, cfg, generator, d
     kept, rolled, tried, reward_error = [], [], 0, False
     while not stop.drop_step():
         t0 = time.perf_counter()
-        batch = draw_batch(rows, sampler, per_rank, prefetcher, bad_rows)
+        batch = data.draw_batch(rows, sampler, per_rank, prefetcher, bad_rows)
         timing["data"] += time.perf_counter() - t0  # waiting for media: ~0 while the prefetch keeps up
         t0 = time.perf_counter()
         groups = roll_out(model, batch, cfg, generator, device, stop_ids, tokenizer, stop)
@@ -571,7 +537,7 @@ def main(argv):
     optimizer = common.build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.lr,
                                        cfg.weight_decay, cfg.param_dtype)
     tracker = ema_grpo.TaskEMA(decay=cfg.ema_decay, min_std=cfg.min_std)
-    prefetcher = Prefetcher(make_encoder(cfg, processor, model.config.text_config.max_position_embeddings))
+    prefetcher = data.Prefetcher(make_encoder(cfg, processor, model.config.text_config.max_position_embeddings))
     rows = data.load_rows(cfg.data, cfg.media_root, skip_bad_rows=cfg.skip_bad_rows, check_media=cfg.check_media,
                           allow_outside_root=cfg.allow_media_outside_root)
     strata = [str(r["data_type"]) for r in rows] if cfg.balance_modalities else None

@@ -15,7 +15,8 @@ LLaMA-Factory freezes them (model.freeze_vision), its media budgets and cutoff_l
 What it leaves out of the release (LLaMA-Factory): DeepSpeed ZeRO-3 (FSDP2 instead; the release's config packs no
 sequences and turns no liger kernels on); README's table "What differs from the release" lists the rest. With
 several rows per micro-batch (the shapes preset) a step's rows are sorted by length into micro-batches and the
-padding share is logged.
+padding share is logged. A background thread decodes the next step's rows while this one trains (data.Prefetcher);
+sec/data logs the wait for them.
 Validation logs val_loss and val_media_gap: the loss of the held-out rows with each row's media swapped for those
 of another held-out row of the same grid, minus their loss with their own (media_swapped); near 0 when the
 answers are read from the text alone: a draw that reads its media needs a gap, though a gap alone does not make
@@ -331,6 +332,7 @@ def main(argv):
     model, processor = load_model(cfg, device, rank, world_size)
     pad_id = processor.tokenizer.pad_token_id
     encode_row = make_encoder(cfg, processor, model.config.text_config.max_position_embeddings)
+    prefetcher = data.Prefetcher(encode_row)  # decodes the next step's rows while this one trains
     bad_rows = data.BadRows(None if cfg.skip_bad_rows else cfg.max_bad_rows)
     train_rows, val_rows = load_split(cfg, rank, world_size)
     val_pairs = encoded_val_rows(val_rows, encode_row, bad_rows) if cfg.val_rows else []
@@ -367,7 +369,7 @@ def main(argv):
         before = {"sampler": sampler.state_dict(), "rng": common.rng_state(), "truncated": truncated}
         t0 = time.perf_counter()
         # --- batch: this rank's rows (a row that fails to encode is named and replaced), sorted by length
-        pairs = data.draw_rows(train_rows, sampler, rows_per_rank, encode_row, bad_rows)
+        pairs = data.draw_batch(train_rows, sampler, rows_per_rank, prefetcher, bad_rows)
         new_bad = bad_rows.report()
         batches, counts = step_batches(pairs, cfg, pad_id, device)
         truncated = {k: v + counts[k] for k, v in truncated.items()}
@@ -419,6 +421,7 @@ def main(argv):
                 print(f"SIGTERM: checkpoint written at step {step}; exiting")
             break
     bar.close()
+    prefetcher.worker.shutdown(cancel_futures=True)
 
     # --- export: an HF directory that train_rl.py and eval.py start from
     if step == total_steps:

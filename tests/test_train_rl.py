@@ -115,14 +115,14 @@ def test_prefetched_batches_equal_the_synchronous_path(model_dir, suite_dir, tmp
     def encode_row(row):
         threads[row["source"]] = threading.current_thread().name
         return data.encode_row(row, processor, TEST_MEDIA)
-    prefetcher = train_rl.Prefetcher(encode_row)
+    prefetcher = data.Prefetcher(encode_row)
     sampler, plain = (data.ShardedSampler(len(rows), seed=8) for _ in range(2))  # the bad row in the 3rd batch
     bad_rows, plain_bad = data.BadRows(), data.BadRows()
     try:
         for _ in range(4):
             expected = data.draw_rows(rows, plain, 2, lambda row: data.encode_row(row, processor, TEST_MEDIA),
                                       plain_bad)
-            batch = train_rl.draw_batch(rows, sampler, 2, prefetcher, bad_rows)
+            batch = data.draw_batch(rows, sampler, 2, prefetcher, bad_rows)
             assert [row for row, _ in batch] == [row for row, _ in expected]
             assert sampler.state_dict() == plain.state_dict() and bad_rows.errors == plain_bad.errors
             for (_, got), (_, reference) in zip(batch, expected):
