@@ -1,0 +1,100 @@
+"""demo.rl_runs: RL runs side by side, each followed by its evaluation, one thread each, results in the order
+asked, finished stages skipped on a re-run, and a failed run named with its output once the others are done.
+The stages here are small Python scripts standing in for train_rl.py and eval.py (same arguments, same files)."""
+import json
+import os
+import sys
+
+import pytest
+
+import demo
+
+# a stand-in train_rl.py: records when it ran and its thread setting, writes a metrics line and hf/config.json;
+# the seed named in FAIL exits 3 instead
+FAKE_RL = r"""
+import json, os, sys, time
+out_dir, seed = sys.argv[1], int(sys.argv[2])
+print("threads", os.environ.get("OMP_NUM_THREADS"), flush=True)
+start = time.time()
+time.sleep(1.0)
+if seed == int(os.environ.get("FAIL", -1)):
+    print("the fake run fails here", flush=True)
+    sys.exit(3)
+os.makedirs(os.path.join(out_dir, "hf"), exist_ok=True)
+with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
+    f.write(json.dumps({"step": 2, "start": start, "end": time.time()}) + "\n")
+with open(os.path.join(out_dir, "hf", "config.json"), "w") as f:
+    f.write("{}")
+"""
+FAKE_EVAL = r"""
+import json, os, sys
+out_dir, metrics_file, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+os.makedirs(out_dir, exist_ok=True)
+with open(metrics_file, "w") as f:
+    json.dump({"metrics": {"tracking": {"reward_accuracy": seed / 10}}}, f)
+"""
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    def rl_command(cfg, sft_dir, rl_file, out_dir, estimator, seed):
+        return [sys.executable, "-c", FAKE_RL, out_dir, str(seed)]
+
+    def eval_command(model_dir, out_dir, data_path, cfg):
+        metrics_file = os.path.join(out_dir, "eval.metrics.json")
+        seed = int(os.path.dirname(model_dir).rsplit("seed", 1)[1])
+        return [sys.executable, "-c", FAKE_EVAL, out_dir, metrics_file, str(seed)], metrics_file
+
+    monkeypatch.setattr(demo, "rl_command", rl_command)
+    monkeypatch.setattr(demo, "eval_command", eval_command)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the demo's own setting must not leak into its RL runs
+
+
+def runs_in(tmp_path, seeds):
+    return [(str(tmp_path / "rl" / f"ema_grpo-seed{seed}"), "ema_grpo", seed) for seed in seeds]
+
+
+def test_runs_side_by_side_in_order_and_skip_when_done(fake_stages, tmp_path):
+    cfg = demo.Config(rl_steps=2, jobs=3)
+    runs = runs_in(tmp_path, [2, 0, 1])
+    metrics = demo.rl_runs(cfg, "sft", "rl.json", "eval.json", runs)
+    assert [m["tracking"]["reward_accuracy"] for m in metrics] == [0.2, 0.0, 0.1]  # the order asked
+    spans = []
+    for out_dir, _, _ in runs:
+        with open(out_dir + ".log") as f:
+            assert "threads 1" in f.read()  # one thread each
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            line = json.loads(f.read())
+        spans.append((line["start"], line["end"]))
+    assert max(s for s, _ in spans) < min(e for _, e in spans)  # all three ran at the same time
+
+    os.remove(os.path.join(runs[1][0], "eval", "eval.metrics.json"))  # a re-run redoes only what is missing
+    metrics = demo.rl_runs(cfg, "sft", "rl.json", "eval.json", runs)
+    assert metrics[1]["tracking"]["reward_accuracy"] == 0.0
+    for (out_dir, _, _), span in zip(runs, spans):
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            line = json.loads(f.read())
+        assert (line["start"], line["end"]) == span  # no RL run ran again
+
+
+def test_one_at_a_time_with_jobs_1(fake_stages, tmp_path):
+    runs = runs_in(tmp_path, [0, 1])
+    demo.rl_runs(demo.Config(rl_steps=2, jobs=1), "sft", "rl.json", "eval.json", runs)
+    spans = []
+    for out_dir, _, _ in runs:
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            line = json.loads(f.read())
+        spans.append((line["start"], line["end"]))
+    assert spans[0][1] <= spans[1][0]
+
+
+def test_a_failed_run_is_named_with_its_output_after_the_others_finish(fake_stages, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FAIL", "1")
+    runs = runs_in(tmp_path, [0, 1, 2])
+    with pytest.raises(SystemExit, match="1 of 3 RL runs failed"):
+        demo.rl_runs(demo.Config(rl_steps=2, jobs=2), "sft", "rl.json", "eval.json", runs)
+    out = capsys.readouterr().out
+    assert f"the last lines of {runs[1][0]}.log" in out and "the fake run fails here" in out
+    for out_dir in (runs[0][0], runs[2][0]):  # the others ran to the end, evaluation included
+        assert os.path.exists(os.path.join(out_dir, "eval", "eval.metrics.json"))
+    assert not os.path.exists(os.path.join(runs[1][0], "eval"))  # no evaluation after a failed run
