@@ -2,7 +2,8 @@
 The demo: a tiny Qwen3-VL learns six tasks of the shapes suite, one per task family, on a laptop CPU (SFT), then
 EMA-GRPO improves it (RL, three seeds), with held-out evaluation after each stage. Every stage is the real command
 line of its script, printed before it runs; a stage whose output already exists is skipped, so a re-run continues
-where it stopped.
+where it stopped. The RL runs go side by side, each on one thread, each followed by its evaluation (`--jobs`; their
+output in runs/demo/<run>.log, a bar counting their steps).
 
     python demo.py                               # the main job (make demo)
     python demo.py --ablation=true               # then GRPO and Dr.GRPO from the same SFT checkpoint and seeds
