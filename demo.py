@@ -53,7 +53,7 @@ class Config:
     sft_steps: int = 1700  # of 16 rows, vision tower frozen (README, "The frozen tower")
     rl_steps: int = 100
     rl_seeds: str = "0,1,2"  # RL runs of the main job (and of each estimator in the ablations), comma-separated
-    jobs: int = 3  # RL runs (each with its evaluation) side by side, one thread each (why: side_by_side)
+    jobs: int = 3  # RL runs (each with its evaluation) side by side, one thread each (why: rl_runs)
     max_new_tokens: int = 128
     ablation: bool = False  # GRPO and Dr.GRPO next to EMA-GRPO, same SFT checkpoint, seeds and budget
     spread_experiment: bool = False  # the estimators on a binary-reward task next to a low-spread dense one
@@ -419,16 +419,13 @@ def main(argv):
 def ablation(cfg, sft_dir, data_dir, eval_file, sft_family, seeds, ema_family):
     """GRPO and Dr.GRPO from the same SFT checkpoint with the main job's seeds and budget; EMA-GRPO is the main job."""
     baselines = [e for e in ESTIMATORS if e != "ema_grpo"]
-    metrics = rl_runs(cfg, sft_dir, os.path.join(data_dir, "rl.json"), eval_file,
-                      [(os.path.join(cfg.out, "ablation", f"{e}-seed{seed}"), e, seed) for e in baselines for seed in seeds])
+    runs = [(os.path.join(cfg.out, "ablation", f"{e}-seed{seed}"), e, seed) for e in baselines for seed in seeds]
+    held_out = iter(rl_runs(cfg, sft_dir, os.path.join(data_dir, "rl.json"), eval_file, runs))  # in runs' order
+    families = {"ema_grpo": ema_family, **{e: [accuracy(next(held_out)) for _ in seeds] for e in baselines}}
     rows = {"SFT": sft_family}
     for estimator, label in ESTIMATORS.items():
-        runs = ema_family
-        if estimator != "ema_grpo":
-            i = baselines.index(estimator) * len(seeds)
-            runs = [accuracy(m) for m in metrics[i:i + len(seeds)]]
-        stats = over_seeds(runs)
-        rows[f"+{label} (mean of {len(runs)})"] = stats["mean"]
+        stats = over_seeds(families[estimator])
+        rows[f"+{label} (mean of {len(seeds)})"] = stats["mean"]
         rows[f"{label} std over seeds"] = stats["std"]
     table(rows, COLUMNS, "ablation: accuracy per task family, held-out")
 

@@ -1,4 +1,4 @@
-"""demo.rl_runs: RL runs side by side, each followed by its evaluation, one thread each, results in the order
+"""demo.rl_runs and the ablation table: RL runs side by side, each followed by its evaluation, one thread each, results in the order
 asked, finished stages skipped on a re-run, and a failed run named with its output once the others are done.
 The stages here are small Python scripts standing in for train_rl.py and eval.py (same arguments, same files)."""
 import json
@@ -98,3 +98,22 @@ def test_a_failed_run_is_named_with_its_output_after_the_others_finish(fake_stag
     for out_dir in (runs[0][0], runs[2][0]):  # the others ran to the end, evaluation included
         assert os.path.exists(os.path.join(out_dir, "eval", "eval.metrics.json"))
     assert not os.path.exists(os.path.join(runs[1][0], "eval"))  # no evaluation after a failed run
+
+
+def test_ablation_groups_each_estimators_seeds(monkeypatch, capsys):
+    """The ablation's rows: each baseline's mean over its own seeds' runs (rl_runs returns them in the order asked)."""
+    asked = []
+
+    def rl_runs(cfg, sft_dir, rl_file, eval_file, runs):
+        asked.extend((estimator, seed) for _, estimator, seed in runs)
+        return [{task: {"reward_accuracy": (i + 1) / 100} for task in demo.FAMILIES} for i in range(len(runs))]
+
+    monkeypatch.setattr(demo, "rl_runs", rl_runs)
+    ema = [{c: 0.5 + s / 10 for c in demo.COLUMNS} for s in range(3)]
+    demo.ablation(demo.Config(), "sft", "data", "eval.json", {c: 0.4 for c in demo.COLUMNS}, [0, 1, 2], ema)
+    assert asked == [("grpo", 0), ("grpo", 1), ("grpo", 2), ("dr_grpo", 0), ("dr_grpo", 1), ("dr_grpo", 2)]
+    lines = {line.split(" |")[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")}
+    assert lines["| +GRPO (mean of 3)"].count("0.020") == len(demo.COLUMNS)  # runs 1, 2, 3 of 100
+    assert lines["| +Dr.GRPO (mean of 3)"].count("0.050") == len(demo.COLUMNS)  # runs 4, 5, 6
+    assert lines["| +EMA-GRPO (mean of 3)"].count("0.600") == len(demo.COLUMNS)
+    assert lines["| EMA-GRPO std over seeds"].count("0.100") == len(demo.COLUMNS)
