@@ -1,6 +1,7 @@
-"""demo.rl_runs and the ablation table: RL runs side by side, each followed by its evaluation, one thread each, results in the order
-asked, finished stages skipped on a re-run, and a failed run named with its output once the others are done.
-The stages here are small Python scripts standing in for train_rl.py and eval.py (same arguments, same files)."""
+"""demo.rl_runs and the ablation table: RL runs side by side, each followed by its evaluation, one thread each,
+results in the order asked, finished stages skipped on a re-run, a failed run named with its output once the others
+are done, and each estimator's row built from its own seeds. The stages here are small Python scripts standing in for
+train_rl.py and eval.py (same arguments, same files)."""
 import json
 import os
 import sys
