@@ -80,15 +80,21 @@ RL_ARGS = ["--prompts_per_step=16", "--group_size=8", "--micro_batch_seqs=64", "
            "--resume=true"]  # a stage cut short (its out_dir holds a partial run) continues where it stopped
 
 
-def run(cmd, done_marker=None):
-    """Run one stage (unless done_marker exists), streaming its output; stop the demo if it fails."""
+def run(cmd, done_marker=None, log=None, env=None):
+    """Run one stage (unless done_marker exists), its output streaming to the terminal, or to `log` (an open file)
+    for a stage running side by side with others. A failed stage stops the demo; one with a log returns False
+    instead, so the stages beside it can finish (rl_runs)."""
     if done_marker and os.path.exists(done_marker):
-        print(f"[demo] skip (done): {' '.join(cmd)}", flush=True)
-        return
-    print(f"[demo] $ {' '.join(cmd)}", flush=True)
-    result = subprocess.run(cmd)
-    if result.returncode:
-        sys.exit(f"[demo] failed with exit code {result.returncode}: {' '.join(cmd)}")
+        tqdm.write(f"[demo] skip (done): {' '.join(cmd)}")
+        return True
+    tqdm.write(f"[demo] $ {' '.join(cmd)}" + (f"  > {log.name}" if log else ""))
+    if log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+    returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT if log else None, env=env).returncode
+    if returncode and not log:
+        sys.exit(f"[demo] failed with exit code {returncode}: {' '.join(cmd)}")
+    return not returncode
 
 
 def eval_command(model_dir, out_dir, data_path, cfg):
@@ -140,13 +146,7 @@ def rl_runs(cfg, sft_dir, rl_file, eval_file, runs):
         os.makedirs(os.path.dirname(out_dir) or ".", exist_ok=True)
         with open(f"{out_dir}.log", "a") as log:
             for cmd, done_marker in stages:
-                if os.path.exists(done_marker):
-                    tqdm.write(f"[demo] skip (done): {' '.join(cmd)}")
-                    continue
-                tqdm.write(f"[demo] $ {' '.join(cmd)}  > {out_dir}.log")
-                log.write(f"$ {' '.join(cmd)}\n")
-                log.flush()
-                if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                if not run(cmd, done_marker, log, env):
                     return " ".join(cmd)
         return None
 
