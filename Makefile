@@ -3,9 +3,9 @@ PY := .venv/bin/python
 
 .venv/installed: requirements.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-cache-dir -r requirements.txt
 	# sam2 is an sdist: build it against the torch above, without CUDA kernels (they are optional in sam2)
-	SAM2_BUILD_CUDA=0 .venv/bin/pip install -q --no-build-isolation --no-deps sam2==1.1.0
+	SAM2_BUILD_CUDA=0 .venv/bin/pip install -q --no-cache-dir --no-build-isolation --no-deps sam2==1.1.0
 	touch $@
 
 venv: .venv/installed
