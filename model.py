@@ -9,7 +9,6 @@ The tokenizer is a byte-level BPE trained on the suite's own text with `tokenize
 digits one per token (as Qwen's own tokenizer does, so numbers are spelled digit by digit), a Qwen-style chat
 template. Nothing here downloads anything.
 """
-import glob
 import json
 import os
 import sys
@@ -68,13 +67,17 @@ PATCH, MERGE, TEMPORAL_PATCH = 16, 1, 2
 # -----------------------------------------------------------------------------
 # tokenizer
 
+TOKENIZER_SPLITS = ("sft.json", "rl.json")  # the training splits: held-out text shapes no merge, and the model
+# (its tokenizer, so its SFT) does not change with the number of eval rows
+
+
 def corpus_from_suite(data_dir):
-    """Every string a model will read or write in the suite: prompts, answers, rationales, timestamps."""
+    """Every string of the suite's training splits: prompts, answers, rationales, and the timestamps."""
     texts = list(data.PROJECT_TEMPLATE.values())
     texts += [f"<{t / 2:.1f} seconds>" for t in range(0, 256)]  # video frame timestamps the processor writes
-    paths = sorted(glob.glob(os.path.join(data_dir, "*.json")))
+    paths = [os.path.join(data_dir, name) for name in TOKENIZER_SPLITS if os.path.exists(os.path.join(data_dir, name))]
     if not paths:
-        raise FileNotFoundError(f"{data_dir}: no *.json suite files to train the tokenizer on")
+        raise FileNotFoundError(f"{data_dir}: no {' or '.join(TOKENIZER_SPLITS)} to train the tokenizer on")
     for path in paths:
         with open(path) as f:
             rows = json.load(f)
