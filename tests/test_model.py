@@ -1,8 +1,11 @@
 """model.py: the tiny Qwen3-VL round-trips through save_pretrained / from_pretrained like a real checkpoint,
 is deterministic for a seed, and its tokenizer and chat template behave like Qwen's."""
 import filecmp
+import json
 import os
+import shutil
 
+import pytest
 import torch
 from conftest import TEST_MEDIA
 from safetensors.torch import load_file
@@ -42,6 +45,25 @@ def test_build_is_deterministic_for_a_seed(suite_dir, model_dir, tmp_path):
     assert filecmp.cmp(os.path.join(model_dir, "tokenizer.json"), os.path.join(again, "tokenizer.json"), shallow=False)
     # the vision tower with deepstack is part of the checkpoint
     assert any("visual.deepstack" in k for k in first) and any(k.startswith("model.visual.blocks") for k in first)
+
+
+def test_tokenizer_reads_the_training_splits_only(suite_dir, tmp_path):
+    """Held-out text must not shape the merges: with eval.json replaced by rows full of a word the training
+    splits never hold, the tokenizer is the same file; with that word added to sft.json, it is not."""
+    word = "zyxwq " * 400
+    for name, change in (("eval.json", "same"), ("sft.json", "differs")):
+        copy = tmp_path / change
+        shutil.copytree(suite_dir, copy)
+        with open(copy / name) as f:
+            rows = json.load(f)
+        rows[0]["problem" if name == "eval.json" else "messages"] = (
+            word if name == "eval.json" else [{"role": "user", "content": word}, rows[0]["messages"][1]])
+        with open(copy / name, "w") as f:
+            json.dump(rows, f)
+        tokenizer = model_lib.train_tokenizer(model_lib.corpus_from_suite(str(copy)))
+        assert (len(tokenizer.tokenize("zyxwq")) == 1) == (change == "differs")
+    with pytest.raises(FileNotFoundError, match="sft.json or rl.json"):
+        model_lib.corpus_from_suite(str(tmp_path / "empty"))
 
 
 def test_tokenizer_digits_and_tags(tiny):
