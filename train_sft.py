@@ -132,6 +132,11 @@ def sft_loss(model, batch, denominator, average="token"):
     of rows with a labelled token ("row": labelled_counts), so the micro-batch losses add up to the step's mean
     and gradients summed over ranks equal one big batch's.
     """
+    return row_losses(model, batch, average).sum() / denominator
+
+
+def row_losses(model, batch, average="token"):
+    """Each row's summed ("token") or mean ("row") cross-entropy over its labelled tokens: [B], 0 without labels."""
     labels = batch["labels"]  # [B, L], -100 off the assistant turn
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits[:, :-1].float()  # [B, L-1, V]; position t predicts token t+1
@@ -139,9 +144,8 @@ def sft_loss(model, batch, denominator, average="token"):
     token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                                  reduction="none").view(targets.shape)  # [B, L-1], 0 off the labels
     if average == "row":
-        row_tokens = (targets != -100).sum(1).clamp(min=1)  # [B]; a row without labels adds 0
-        return (token_loss.sum(1) / row_tokens).sum() / denominator
-    return token_loss.sum() / denominator
+        return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)  # [B]
+    return token_loss.sum(1)  # [B]
 
 
 def labelled_counts(batch):
@@ -169,13 +173,15 @@ def lr_at(step, cfg, total_steps):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def micro_batches(pairs, cfg, pad_id, device, cut=None):
+def micro_batches(pairs, cfg, pad_id, device, cut=None, sources=None):
     """(row, encoded row) pairs sorted by length into padded micro-batches on the device; cut, a dict, counts the
-    rows and tokens cutoff_len cut (data.count_truncated)."""
+    rows and tokens cutoff_len cut (data.count_truncated); sources, a list, gets each micro-batch's row sources."""
     items = {row["source"]: item for row, item in pairs}
     batches = []
     for chunk in length_sorted_micro_batches([row for row, _ in pairs], cfg.micro_batch_size):
         encoded = [items[row["source"]] for row in chunk]
+        if sources is not None:
+            sources.append([row["source"] for row in chunk])
         if cut is not None:
             data.count_truncated(encoded, cut)
         batches.append({k: v.to(device) for k, v in data.pad_batch(encoded, pad_id, with_answer=True).items()})
@@ -183,17 +189,26 @@ def micro_batches(pairs, cfg, pad_id, device, cut=None):
 
 
 @torch.no_grad()
-def validation_loss(model, pairs, cfg, pad_id, device):
-    """The held-out (row, encoded row) pairs' loss, averaged as training averages it (each rank its share,
-    combined over ranks)."""
+def validation_losses(model, pairs, cfg, pad_id, device):
+    """{source: (loss, weight)} of this rank's held-out (row, encoded row) pairs, as training averages them: the
+    summed loss and labelled tokens of each row ("token"), or its mean loss and 1 ("row")."""
     model.eval()
-    total, count = 0.0, 0.0
-    for batch in micro_batches(pairs, cfg, pad_id, device):
+    out, sources = {}, []
+    batches = micro_batches(pairs, cfg, pad_id, device, sources=sources)
+    for batch, batch_sources in zip(batches, sources):
         with common.autocast(cfg.bf16, device):
-            total += sft_loss(model, batch, 1.0, cfg.loss_average).item()
-        count += labelled_counts(batch)[cfg.loss_average]
+            losses = row_losses(model, batch, cfg.loss_average).tolist()  # [B]
+        labelled = (batch["labels"][:, 1:] != -100).sum(1).tolist()  # [B]
+        for source, loss, tokens in zip(batch_sources, losses, labelled):
+            out[source] = (loss, float(tokens) if cfg.loss_average == "token" else float(tokens > 0))
     model.train()
-    sums = common.all_reduce({"loss": total, "count": count})
+    return out
+
+
+def mean_loss(losses, sources=None):
+    """The mean over ranks of validation_losses' rows (those of `sources` only, when given)."""
+    kept = [losses[s] for s in (losses if sources is None else sources)]
+    sums = common.all_reduce({"loss": sum(loss for loss, _ in kept), "count": sum(w for _, w in kept)})
     return sums["loss"] / max(sums["count"], 1.0)
 
 
@@ -407,9 +422,10 @@ def main(argv):
                               **({"bad_rows_new": "; ".join(new_bad)} if new_bad else {}),
                               "sec": {"step": time.perf_counter() - t0, "data": t_data}})
         if cfg.val_rows and (step % cfg.val_every == 0 or step == total_steps):
-            logger.log(step, {"val_loss": validation_loss(model, val_pairs, cfg, pad_id, device), **(
-                {"val_media_gap": validation_loss(model, swapped_media, cfg, pad_id, device)
-                 - validation_loss(model, own_media, cfg, pad_id, device)} if own_media else {})})
+            losses = validation_losses(model, val_pairs, cfg, pad_id, device)  # the own-media rows' too
+            logger.log(step, {"val_loss": mean_loss(losses), **(
+                {"val_media_gap": mean_loss(validation_losses(model, swapped_media, cfg, pad_id, device))
+                 - mean_loss(losses, [row["source"] for row, _ in own_media])} if own_media else {})})
         stopping = stop.stop_after_step()
         if step % cfg.save_every == 0 or step == total_steps or stopping:
             state = {"sampler": sampler.state_dict(), "rng": common.rng_state(), "truncated": truncated}

@@ -136,10 +136,34 @@ def test_media_gap_swaps_pixels_of_rows_with_the_same_grid(tiny, suite_dir):
     cfg = train_sft.Config(micro_batch_size=1)
     pad_id = processor.tokenizer.pad_token_id
     def loss(pairs):
-        return train_sft.validation_loss(tiny_model, pairs, cfg, pad_id, torch.device("cpu"))
+        return train_sft.mean_loss(train_sft.validation_losses(tiny_model, pairs, cfg, pad_id, torch.device("cpu")))
     # image2 takes image0's pixels, equal to its own: no gap; image0 takes the flipped pixels of image1: a gap
     assert loss(swapped[2:]) == loss(originals[2:])
     assert abs(loss(swapped[:1]) - loss(originals[:1])) > 1e-6
+
+
+@pytest.mark.parametrize("average", ["token", "row"])
+def test_validation_losses_per_row_give_the_training_mean(tiny, suite_dir, average):
+    """The per-row validation pass: its mean over every row is the step loss training computes on the same
+    micro-batches (sft_loss over labelled_counts), and the mean over a subset of its rows (val_media_gap's
+    own-media rows, taken from the val_loss pass) is that subset's loss in a pass of its own."""
+    tiny_model, processor = tiny
+    image, video = data.load_rows(str(suite_dir / "sft.json"))
+    pairs = [({**row, "source": f"{row['source']}-{i}"}, data.encode_row(row, processor, TEST_MEDIA, with_answer=True))
+             for i, row in enumerate([image, video, image])]
+    cfg = train_sft.Config(micro_batch_size=2, loss_average=average)
+    pad_id, device = processor.tokenizer.pad_token_id, torch.device("cpu")
+    losses = train_sft.validation_losses(tiny_model, pairs, cfg, pad_id, device)
+    assert sorted(losses) == sorted(row["source"] for row, _ in pairs)
+    batches = train_sft.micro_batches(pairs, cfg, pad_id, device)
+    denominator = sum(train_sft.labelled_counts(b)[average] for b in batches)
+    with torch.no_grad():
+        step_loss = sum(train_sft.sft_loss(tiny_model, b, denominator, average).item() for b in batches)
+    assert abs(train_sft.mean_loss(losses) - step_loss) < 1e-5
+    images = [pairs[0], pairs[2]]
+    alone = train_sft.mean_loss(train_sft.validation_losses(tiny_model, images, cfg, pad_id, device))
+    assert abs(train_sft.mean_loss(losses, [row["source"] for row, _ in images]) - alone) < 1e-5
+    assert abs(train_sft.mean_loss(losses) - alone) > 1e-4  # the video row weighs in the mean of all
 
 
 # -----------------------------------------------------------------------------
