@@ -132,20 +132,21 @@ def sft_loss(model, batch, denominator, average="token"):
     of rows with a labelled token ("row": labelled_counts), so the micro-batch losses add up to the step's mean
     and gradients summed over ranks equal one big batch's.
     """
-    return row_losses(model, batch, average).sum() / denominator
+    token_loss, targets = token_losses(model, batch)
+    if average == "row":
+        row_tokens = (targets != -100).sum(1).clamp(min=1)  # [B]; a row without labels adds 0
+        return (token_loss.sum(1) / row_tokens).sum() / denominator
+    return token_loss.sum() / denominator
 
 
-def row_losses(model, batch, average="token"):
-    """Each row's summed ("token") or mean ("row") cross-entropy over its labelled tokens: [B], 0 without labels."""
+def token_losses(model, batch):
+    """(cross-entropy of each next token [B, L-1], 0 off the labels; the targets [B, L-1], -100 off the labels)."""
     labels = batch["labels"]  # [B, L], -100 off the assistant turn
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs).logits[:, :-1].float()  # [B, L-1, V]; position t predicts token t+1
     targets = labels[:, 1:]  # [B, L-1]
-    token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                                 reduction="none").view(targets.shape)  # [B, L-1], 0 off the labels
-    if average == "row":
-        return token_loss.sum(1) / (targets != -100).sum(1).clamp(min=1)  # [B]
-    return token_loss.sum(1)  # [B]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="none").view(targets.shape), targets
 
 
 def labelled_counts(batch):
@@ -197,9 +198,10 @@ def validation_losses(model, pairs, cfg, pad_id, device):
     batches = micro_batches(pairs, cfg, pad_id, device, sources=sources)
     for batch, batch_sources in zip(batches, sources):
         with common.autocast(cfg.bf16, device):
-            losses = row_losses(model, batch, cfg.loss_average).tolist()  # [B]
-        labelled = (batch["labels"][:, 1:] != -100).sum(1).tolist()  # [B]
-        for source, loss, tokens in zip(batch_sources, losses, labelled):
+            token_loss, targets = token_losses(model, batch)  # [B, L-1] each
+        labelled = (targets != -100).sum(1)  # [B]
+        row_loss = token_loss.sum(1) / labelled.clamp(min=1) if cfg.loss_average == "row" else token_loss.sum(1)
+        for source, loss, tokens in zip(batch_sources, row_loss.tolist(), labelled.tolist()):
             out[source] = (loss, float(tokens) if cfg.loss_average == "token" else float(tokens > 0))
     model.train()
     return out
