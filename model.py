@@ -5,7 +5,7 @@ The tiny Qwen3-VL: built offline from a config, saved and loaded exactly like a 
     python model.py --out=runs/tiny-model --data=data/shapes --size=L
 
 A real checkpoint (e.g. a local Qwen3-VL-8B-Instruct directory) goes through the same `load_model` path.
-The tokenizer is a byte-level BPE trained on the suite's own text with `tokenizers`: Qwen's special tokens,
+The tokenizer is a byte-level BPE trained on the suite's training text with `tokenizers`: Qwen's special tokens,
 digits one per token (as Qwen's own tokenizer does, so numbers are spelled digit by digit), a Qwen-style chat
 template. Nothing here downloads anything.
 """
