@@ -63,7 +63,8 @@ def test_greedy_matches_hf_generate_mixed_batch(peaked, suite_dir):
     out = rollout.generate(tiny_model, inputs, max_new_tokens=N_NEW, temperature=0, eos_token_ids=[im_end(processor)])
     reference = hf_greedy(tiny_model, inputs, [im_end(processor)])
     assert torch.equal(out["response_ids"], reference)
-    assert all(len(set(row.tolist())) > 3 for row in reference)  # the comparison is not vacuous
+    # the comparison is not vacuous: no row repeats one token, and the batch holds many distinct ones
+    assert all(len(set(row.tolist())) > 1 for row in reference) and len(set(reference.flatten().tolist())) > 8
 
 
 @pytest.mark.parametrize("which", [(2,), (3,)])

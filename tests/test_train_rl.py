@@ -286,8 +286,9 @@ def test_resume_is_exact(rl_args, model_dir, tmp_path):
 
 
 def test_reward_exception_and_non_finite_reward_skip_the_step(rl_args, model_dir, tmp_path, monkeypatch, capfd):
-    """Step 1: compute_score raises; step 2: it returns a NaN reward; step 3: the real reward. Steps 1-2 are
-    logged and take no update (the weights and the task EMA stay clean); step 3 trains."""
+    """Step 1: compute_score raises; step 2: it returns a NaN reward; step 3: the real reward, plus a spread within
+    each group (so the update has a gradient whatever the random model samples). Steps 1-2 are logged and take no
+    update (the weights and the task EMA stay clean); step 3 trains."""
     real = rewards.compute_score
     calls = []
 
@@ -298,6 +299,8 @@ def test_reward_exception_and_non_finite_reward_skip_the_step(rl_args, model_dir
         scores = real(items, *args, **kwargs)
         if len(calls) == 2:
             scores[3] = {**scores[3], "overall": float("nan")}
+        else:
+            scores = [{**score, "overall": score["overall"] + 0.01 * i} for i, score in enumerate(scores)]
         return scores
 
     monkeypatch.setattr(rewards, "compute_score", flaky)
