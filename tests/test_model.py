@@ -56,8 +56,10 @@ def test_tokenizer_reads_the_training_splits_only(suite_dir, tmp_path):
         shutil.copytree(suite_dir, copy)
         with open(copy / name) as f:
             rows = json.load(f)
-        rows[0]["problem" if name == "eval.json" else "messages"] = (
-            word if name == "eval.json" else [{"role": "user", "content": word}, rows[0]["messages"][1]])
+        if name == "eval.json":
+            rows[0]["problem"] = word
+        else:
+            rows[0]["messages"] = [{"role": "user", "content": word}, rows[0]["messages"][1]]
         with open(copy / name, "w") as f:
             json.dump(rows, f)
         tokenizer = model_lib.train_tokenizer(model_lib.corpus_from_suite(str(copy)))
