@@ -118,3 +118,56 @@ def test_ablation_groups_each_estimators_seeds(monkeypatch, capsys):
     assert lines["| +Dr.GRPO (mean of 3)"].count("0.050") == len(demo.COLUMNS)  # runs 4, 5, 6
     assert lines["| +EMA-GRPO (mean of 3)"].count("0.600") == len(demo.COLUMNS)
     assert lines["| EMA-GRPO std over seeds"].count("0.100") == len(demo.COLUMNS)
+
+
+# -----------------------------------------------------------------------------
+# SFT in two stages: the multiple-choice rows alone, then every row from that checkpoint
+
+class StopAtMixedSFT(Exception):
+    pass
+
+
+def sft_stages(monkeypatch, tmp_path, rows, argv=()):
+    """demo.main's commands up to the mixed SFT stage (the stages are recorded, not run)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "sft.json").write_text(json.dumps(rows))
+    commands = []
+
+    def run(cmd, done_marker=None, log=None, env=None):
+        commands.append(cmd)
+        if cmd[1] == "train_sft.py" and f"--data={data_dir}/sft.json" in cmd:
+            raise StopAtMixedSFT
+
+    monkeypatch.setattr(demo, "run", run)
+    with pytest.raises(StopAtMixedSFT):
+        demo.main([f"--out={tmp_path}", *argv])
+    return [c for c in commands if c[1] == "train_sft.py"]
+
+
+def arg(cmd, key):
+    return next(a.split("=", 1)[1] for a in cmd if a.startswith(f"--{key}="))
+
+
+ROWS = [{"problem_id": i, "problem_type": t} for i, t in
+        enumerate(["multiple choice", "spatial grounding", "multiple choice", "tracking", "multiple choice"])]
+
+
+def test_multiple_choice_stage_trains_on_its_rows_and_starts_the_mixed_one(monkeypatch, tmp_path):
+    first, mixed = sft_stages(monkeypatch, tmp_path, ROWS, ["--mc_first_steps=400"])
+    with open(arg(first, "data")) as f:
+        assert [r["problem_id"] for r in json.load(f)] == [0, 2, 4]
+    assert arg(first, "model") == os.path.join(str(tmp_path), "tiny-model")
+    assert arg(first, "max_steps") == "400"
+    assert arg(mixed, "model") == os.path.join(arg(first, "out_dir"), "hf")
+
+
+def test_without_the_stage_the_mixed_sft_starts_from_the_tiny_model(monkeypatch, tmp_path):
+    (mixed,) = sft_stages(monkeypatch, tmp_path, ROWS, ["--mc_first_steps=0"])
+    assert arg(mixed, "model") == os.path.join(str(tmp_path), "tiny-model")
+
+
+def test_a_suite_without_multiple_choice_names_the_flag(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="mc_first_steps=0"):
+        sft_stages(monkeypatch, tmp_path, [r for r in ROWS if r["problem_type"] != "multiple choice"],
+                   ["--mc_first_steps=400"])
