@@ -608,8 +608,18 @@ def export_hf(model, processor, out_dir):
     from_pretrained, eval.py and other tools load. Collective."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _rank() == 0:
-        model.save_pretrained(out_dir, state_dict=state)  # transformers drops FSDP's class-name prefix itself
-        processor.save_pretrained(out_dir)
+        # written beside out_dir, then renamed into place: a crash mid-write leaves no folder holding a config.json
+        # without its weights (demo.py, like a user, takes out_dir/config.json to mean "exported")
+        tmp = f"{out_dir.rstrip(os.sep)}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            model.save_pretrained(tmp, state_dict=state)  # transformers drops FSDP's class-name prefix itself
+            processor.save_pretrained(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
         print(f"exported {out_dir}")
     barrier()
 

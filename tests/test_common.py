@@ -199,6 +199,29 @@ def test_export_hf_round_trip(tmp_path, model_dir):
         assert torch.equal(p, q), name
 
 
+def test_export_hf_crash_leaves_previous_export(tmp_path, model_dir, monkeypatch):
+    """A crash while writing (here: the processor's files) leaves the previous export whole, not a folder whose
+    config.json says "done" without weights; a second export replaces the first."""
+    import model as model_lib
+    tiny, processor = model_lib.load_model(model_dir)
+    out = str(tmp_path / "hf")
+    common.export_hf(tiny, processor, out)
+    before = sorted(os.listdir(out))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(processor, "save_pretrained", crash)
+        torch.nn.init.zeros_(tiny.lm_head.weight)
+        with pytest.raises(OSError, match="disk full"):
+            common.export_hf(tiny, processor, out)
+    assert sorted(os.listdir(out)) == before and os.listdir(tmp_path) == ["hf"]  # the partial write removed
+    assert not torch.equal(model_lib.load_model(out)[0].lm_head.weight, tiny.lm_head.weight)  # the old weights
+    common.export_hf(tiny, processor, out)
+    assert torch.equal(model_lib.load_model(out)[0].lm_head.weight, tiny.lm_head.weight)
+
+
 # -----------------------------------------------------------------------------
 # logging, signals, reductions
 
