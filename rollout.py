@@ -216,9 +216,11 @@ def compiled_step(device_type):
     serves every (rows, cache length) bucket, and one more a single row (torch specializes sizes of 1); CUDA
     graphs still record one graph per bucket, which is why the shapes are bucketed. No guards on the model's
     attributes: its parameters are graph inputs (their values flow in on every call), and checking the modules
-    cost half of dynamo's per-call overhead (71 -> 31 us a step on CPU); a changed architecture needs a new process."""
-    return torch.compile(decode_and_sample, dynamic=True, mode="reduce-overhead" if device_type == "cuda" else None,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    cost half of dynamo's per-call overhead (71 -> 31 us a step on CPU); a changed architecture needs a new process.
+    torch.compile takes a mode or options, not both: "reduce-overhead" is the option triton.cudagraphs."""
+    return torch.compile(decode_and_sample, dynamic=True,
+                         options={"triton.cudagraphs": device_type == "cuda",
+                                  "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
 def bucket(n):

@@ -1,6 +1,7 @@
 """rollout.py: greedy equals HF generate token for token, log-probs equal a teacher-forced pass, EOS and
 compaction, shared-prefill n-sampling equals sampling repeated prompts, the sampler, bad inputs, and FSDP2 on
 2 gloo ranks (sharded greedy == unsharded, no collective per decoded token)."""
+import copy
 import json
 import os
 import pathlib
@@ -293,12 +294,24 @@ def test_decode_step_over_the_whole_bucket_equals_the_written_slots(peaked, suit
     torch.testing.assert_close(written[0], written[1], rtol=0, atol=1e-5)  # layer 1's input: float rounding
 
 
-def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch):
+def test_compiled_step_builds_for_every_device():
+    """torch.compile checks its arguments when called, not at the first step: the GPU setting (CUDA graphs) must
+    build on a machine without a GPU too (it raised there before: a mode and options together)."""
+    for device_type in ("cpu", "cuda"):
+        assert callable(rollout.compiled_step(device_type))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no GPU: the CUDA-graph path runs where one is"))])
+def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch, device):
     """compile=True: greedy tokens equal to eager and to HF generate (rows stopping at different steps, the cache
     growing past its first bucket); sampling with the same seed draws the same tokens, log-probs within float
-    rounding; then other shapes run without compiling again (dynamic shapes; error_on_recompile)."""
+    rounding; then other shapes run without compiling again (dynamic shapes; error_on_recompile). On a GPU the
+    compiled step replays CUDA graphs over whole cache buckets (generate's static path)."""
     tiny_model, processor = peaked
     inputs = mixed_batch(suite_dir, processor)
+    if device != "cpu":
+        tiny_model, inputs = copy.deepcopy(tiny_model).to(device), {k: v.to(device) for k, v in inputs.items()}
     P = inputs["input_ids"].shape[1]
     new_tokens = rollout.bucket(P + 2) - P + 8  # crosses the first cache bucket
     free = rollout.generate(tiny_model, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=[])
@@ -317,13 +330,14 @@ def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch):
     assert len({slots for _, slots in sizes}) > 1 and len({rows for rows, _ in sizes}) > 1  # both shapes changed
     torch.testing.assert_close(compiled["logprobs"], eager["logprobs"], rtol=0, atol=1e-4)
     kwargs = dict(max_new_tokens=N_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[im_end(processor)])
-    eager = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator().manual_seed(0), **kwargs)
-    compiled = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator().manual_seed(0), compile=True,
-                                **kwargs)
+    eager = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator(device).manual_seed(0), **kwargs)
+    compiled = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator(device).manual_seed(0),
+                                compile=True, **kwargs)
     assert torch.equal(compiled["response_ids"], eager["response_ids"])
     torch.testing.assert_close(compiled["logprobs"], eager["logprobs"], rtol=0, atol=1e-4)
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # other rows, prompt length, buckets
-    rollout.generate(tiny_model, mixed_batch(suite_dir, processor, (3, 2)), n=5, compile=True, **kwargs)
+    other = {k: v.to(device) for k, v in mixed_batch(suite_dir, processor, (3, 2)).items()}
+    rollout.generate(tiny_model, other, n=5, compile=True, **kwargs)
 
 
 # -----------------------------------------------------------------------------
