@@ -4,6 +4,7 @@ one-line key=value summary.
 
     python bench.py rollout [--model=runs/tiny-model] [--new_tokens=96] [--rounds=7]  # compiled, eager, HF
     python bench.py rewards [--per_type=300] [--rounds=5] [--seed=0]
+    python bench.py rollout8b [--prompts=1,3,8] [--new_tokens=256]  # the same at Qwen3-VL-8B's shapes, one GPU
     python bench.py memory [--hidden=64] [--response_tokens=1024] [--seqs=8]  # memory.py's plan vs measured peaks
     python bench.py rollout --help                       # each benchmark's keys with their comments
 """
@@ -167,6 +168,113 @@ def bench_rollout(argv):
     print(f"bench=rollout new_tokens={args['new_tokens']} ops_per_layer={per_layer} "
           + " ".join(f"{k}={v}" for k, v in summary.items())
           + f" ratio={summary['b16x4_compiled_hf']}")
+
+
+# -----------------------------------------------------------------------------
+# rollout8b: the same loop at Qwen3-VL-8B's shapes on one GPU (README, "What to expect from Qwen3-VL-8B")
+
+@dataclass
+class Rollout8BConfig:
+    prompts: str = "1,3,8"  # prompts per generate call, comma-separated: 1 is the release preset's (80 GB plan), 3
+    # what a 141 GB H200 leaves room for next to the training state, 8 a rollout-only batch
+    samples: int = 8  # rows per prompt (the release's rollout.n)
+    prompt_tokens: int = 1024  # random text tokens per prompt: media change the prefill, not a decode step
+    new_tokens: int = 256  # per row, EOS suppressed on every side
+    hf: bool = True  # also time HF model.generate (eager: a launch per op, slow at 36 layers)
+    layers: int = 0  # decoder layers built; 0: all 36 (1: a quick check of this benchmark on CPU)
+    rounds: int = 2  # timed rounds per side; the median counts
+
+
+def bench_rollout_8b(argv):
+    """Qwen3-VL-8B (memory.py's config) with random bf16 weights on one GPU: a decode step's time does not depend
+    on the weights' values. Our generate compiled (CUDA graphs) and eager, and HF generate, on the same text
+    prompts of random tokens. Each decode step's time is printed next to its floor: every weight the step uses and
+    the KV cache it attends over (the compiled step: the whole bucket) read once at the copy bandwidth measured
+    here. The compilation (the first compiled call of each batch shape) is timed on its own line."""
+    args = common.parse_config(Rollout8BConfig, argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    config = memory.qwen3_vl_8b()
+    if args.layers:
+        config.text_config.num_hidden_layers = args.layers
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
+    lm, text = model.model.language_model, config.text_config
+    # read per step: every weight but the input embeddings (only the fed rows' are read) and the vision tower
+    weight_bytes = 2 * (sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
+                        + model.lm_head.weight.numel())
+    kv_bytes = 2 * 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim  # K and V, per row and slot
+    x = torch.empty(2 * memory.GiB // 4, device=device)
+    y, times = torch.empty_like(x), []
+    for _ in range(5):
+        sync()
+        t1 = time.perf_counter()
+        y.copy_(x)
+        sync()
+        times.append(time.perf_counter() - t1)
+    bandwidth = 2 * x.numel() * 4 / statistics.median(times)  # bytes read and written per second
+    del x, y
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"Qwen3-VL-8B shapes, {text.num_hidden_layers} layers, random bf16 weights, built in "
+          f"{time.perf_counter() - t0:.0f}s on {name}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
+          f"{weight_bytes / 1e9:.1f} GB read per decode step; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"torch {torch.__version__}")
+    banned = [config.image_token_id, config.video_token_id]
+    P, N, n = args.prompt_tokens, args.new_tokens, args.samples
+
+    def ours(inputs, new_tokens, compile):
+        rollout.generate(model, inputs, n=n, max_new_tokens=new_tokens, temperature=1.0, eos_token_ids=[],
+                         generator=torch.Generator(device).manual_seed(0), compile=compile)
+
+    def hf(inputs, new_tokens):
+        model.generate(**inputs, do_sample=True, num_return_sequences=n, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, suppress_tokens=banned,
+                       pad_token_id=0)
+
+    sides = {"compiled": functools.partial(ours, compile=True), "eager": functools.partial(ours, compile=False)}
+    if args.hf:
+        sides["hf"] = hf
+    summary = {}
+    for B in (int(b) for b in args.prompts.split(",")):
+        inputs = {"input_ids": torch.randint(0, 150000, (B, P), device=device),  # below every special token id
+                  "attention_mask": torch.ones(B, P, dtype=torch.long, device=device),
+                  "mm_token_type_ids": torch.zeros(B, P, dtype=torch.long, device=device)}
+        rows = B * n
+        with torch.no_grad():
+            sync()
+            t0 = time.perf_counter()
+            sides["compiled"](inputs, N)  # compiles (first shape) and records the CUDA graphs of this shape's buckets
+            sync()
+            print(f"{B} x {n} rows: first compiled call (compilation, graph recording) {time.perf_counter() - t0:.1f}s")
+            med = {}
+            for name, fn in sides.items():
+                fn(inputs, 2)  # warm-up
+                full, prefill = [], []
+                for _ in range(args.rounds):
+                    for out, new_tokens in ((full, N), (prefill, 1)):
+                        sync()
+                        t0 = time.perf_counter()
+                        fn(inputs, new_tokens)
+                        sync()
+                        out.append(time.perf_counter() - t0)
+                med[name] = (statistics.median(full), statistics.median(prefill))
+        # the compiled step attends over the whole bucket: S = bucket(P + t + 2) slots at step t
+        slots = statistics.mean(rollout.bucket(P + t + 2) for t in range(N - 1))
+        floor = (weight_bytes + rows * slots * kv_bytes) / bandwidth
+        print(f"  floor: weights {weight_bytes / 1e9:.1f} GB + KV {rows * slots * kv_bytes / 1e9:.1f} GB a step "
+              f"= {1000 * floor:.2f} ms at {bandwidth / 1e12:.2f} TB/s")
+        for name, (full, prefill) in med.items():
+            step = (full - prefill) / (N - 1)
+            tok_s = rows * N / full
+            print(f"  {name:8s} {1000 * step:7.2f} ms/step ({floor / step:.0%} of the floor's speed)  "
+                  f"{rows / step:7.0f} tok/s while decoding  {tok_s:7.0f} tok/s with the prefill  "
+                  f"prefill {prefill:.2f}s")
+            summary[f"b{rows}_{name}_ms"] = f"{1000 * step:.2f}"
+            summary[f"b{rows}_{name}_tok_s"] = f"{rows / step:.0f}"
+        summary[f"b{rows}_floor_ms"] = f"{1000 * floor:.2f}"
+    print("bench=rollout8b " + " ".join(f"{k}={v}" for k, v in summary.items()))
 
 
 # -----------------------------------------------------------------------------
@@ -531,7 +639,8 @@ def bench_memory(argv):
           f"logits_ratio={(peak - measured['weights']) / full_logits:.2f}")
 
 
-BENCHES = {"rollout": bench_rollout, "rewards": bench_rewards, "memory": bench_memory}
+BENCHES = {"rollout": bench_rollout, "rollout8b": bench_rollout_8b, "rewards": bench_rewards,
+           "memory": bench_memory}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHES:

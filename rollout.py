@@ -11,8 +11,8 @@ How a rollout runs (one screen each below):
 2. decode: one token per step through our own decode step, which calls the model's own layers (norms,
    projections, MLP, rotary) on the cached keys/values. Rows that stop are ignored, and dropped from the batch
    and the cache once the rest fit half of it. compile=True runs the step through torch.compile (CUDA graphs on
-   GPU: one graph replay per token instead of a kernel launch per operation). Equivalence with
-   `model.generate`, eager and compiled, is tested in tests/test_rollout.py.
+   GPU: one graph replay per token for the forward instead of a kernel launch per operation). Equivalence with
+   `model.generate`, eager and compiled, is tested in tests/test_rollout.py (on a GPU too, where there is one).
 3. sampling: `sample` is a pure function of logits and a torch.Generator (temperature, top-k, top-p, or greedy
    at temperature 0); the compiled step takes its uniforms from outside (`sample_with`).
 
@@ -201,26 +201,44 @@ def decode_step(model, tokens, positions, cache, slot, key_mask, length):
     return model.lm_head(lm.norm(h))[:, 0].float()  # [A, V]
 
 
-def decode_and_sample(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k):
-    """One decode step and its sampling: the next tokens [A] (greedy when u is None, else `sample_with`) and their
-    raw log-probs [A] (temperature 1, unfiltered, media tokens excluded). What `compiled_step` compiles."""
-    logits = no_media_tokens(model, decode_step(model, tokens, positions, cache, slot, key_mask, length))  # [A, V]
+def decode_logits(model, tokens, positions, cache, slot, key_mask, length):
+    """decode_step's logits [A, V] with the media tokens excluded: what a GPU's compiled step captures."""
+    return no_media_tokens(model, decode_step(model, tokens, positions, cache, slot, key_mask, length))
+
+
+def pick(logits, u, temperature, top_p, top_k):
+    """The next tokens [A] from logits [A, V] (greedy when u is None, else `sample_with`) and their raw log-probs
+    [A] (temperature 1, unfiltered)."""
     new = logits.argmax(-1) if u is None else sample_with(logits, u, temperature, top_p, top_k)  # [A]
     return new, logits.gather(-1, new[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def decode_and_sample(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k):
+    """One decode step and its sampling: the eager step, and what the CPU's compiled step compiles."""
+    return pick(decode_logits(model, tokens, positions, cache, slot, key_mask, length), u, temperature, top_p, top_k)
+
+
 @functools.cache
 def compiled_step(device_type):
-    """decode_and_sample under torch.compile: on GPU mode="reduce-overhead" (CUDA graphs: the step's kernels
-    replayed as one graph), on CPU inductor's default mode (fused C++ loops). dynamic=True: one compilation
-    serves every (rows, cache length) bucket, and one more a single row (torch specializes sizes of 1); CUDA
-    graphs still record one graph per bucket, which is why the shapes are bucketed. No guards on the model's
-    attributes: its parameters are graph inputs (their values flow in on every call), and checking the modules
-    cost half of dynamo's per-call overhead (71 -> 31 us a step on CPU); a changed architecture needs a new process.
-    torch.compile takes a mode or options, not both: "reduce-overhead" is the option triton.cudagraphs."""
-    return torch.compile(decode_and_sample, dynamic=True,
-                         options={"triton.cudagraphs": device_type == "cuda",
-                                  "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    """The decode step under torch.compile. dynamic=True: one compilation serves every (rows, cache length) bucket,
+    and one more a single row (torch specializes sizes of 1). No guards on the model's attributes: its parameters
+    are graph inputs (their values flow in on every call), and checking the modules cost half of dynamo's per-call
+    overhead (71 -> 31 us a step on CPU); a changed architecture needs a new process.
+    On CPU all of decode_and_sample, in inductor's fused C++ loops. On GPU the logits only, replayed as CUDA graphs
+    (the option triton.cudagraphs, which is what mode="reduce-overhead" sets: torch.compile takes one or the other),
+    one graph per bucket, which is why the shapes are bucketed; `pick` runs eager after it (~10 kernels a step).
+    Why: with Qwen3-VL-8B's 151,936-token vocabulary inductor failed to generate the sampler's cumsum on an H200
+    (torch 2.11: the one long scan is split, SplitScan, and its Triton code raised). tests/test_rollout.py runs the
+    GPU path on the tiny model (it passed on the H200 with the sampler inside the graph; this split has not run on a
+    GPU yet), `bench.py rollout8b` at 8B (README, "What to expect from Qwen3-VL-8B")."""
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if device_type != "cuda":
+        return torch.compile(decode_and_sample, dynamic=True, options=options)
+    logits_step = torch.compile(decode_logits, dynamic=True, options={**options, "triton.cudagraphs": True})
+
+    def step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k):
+        return pick(logits_step(model, tokens, positions, cache, slot, key_mask, length), u, temperature, top_p, top_k)
+    return step
 
 
 def bucket(n):
@@ -346,10 +364,9 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                     u = torch.zeros(A, 1, device=device).index_copy_(0, (rows < Bn).nonzero()[:, 0], u)  # [A, 1]
             if static:
                 torch.compiler.cudagraph_mark_step_begin()
-            length = S if static else P + t + 1  # CUDA graphs: the whole bucket (fixed shapes); else the written
+            length = S if static else P + t + 1  # CUDA graphs: the whole bucket (fixed shapes); else written slots
+            # (on GPU the graph's logits buffer is overwritten by the next replay: `pick` has used it by then)
             tokens, logp = step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k)
-            if static:  # CUDA graphs reuse their output buffers next step
-                tokens, logp = tokens.clone(), logp.clone()
             positions, slot = positions + 1, slot + 1
 
     T = int(lengths[:Bn].max())
