@@ -129,7 +129,7 @@ def bench_rollout(argv):
     with torch.no_grad():
         ops, per_layer = decode_ops(model, processor)
     print(f"eager decode step: {ops} aten ops a token, {per_layer} per layer (each a kernel launch; the compiled "
-          f"step replays them as one CUDA graph on GPU)")
+          f"step replays the forward's as one CUDA graph on GPU)")
     sides = {"compiled": functools.partial(ours, compile=True), "eager": functools.partial(ours, compile=False),
              "hf": hf}
     shapes = {(B, n): rollout_prompts(processor, B) for B, n in ((16, 4), (1, 1))}
