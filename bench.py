@@ -98,6 +98,24 @@ def decode_ops(model, processor):
     return counts[0], (counts[0] - counts[1]) // (len(layers) - 1)
 
 
+def median_times(sides, inputs, n, new_tokens, rounds, sync=lambda: None):
+    """{side: (median seconds of a call generating new_tokens per row, of one generating 1: the prefill)} for
+    sides {name: fn(inputs, n, new_tokens)}, after a warm-up call each; the order rotates every round so that no side
+    always runs on a warmer (or busier) machine. sync: waits for the GPU before and after each timed call."""
+    times = {name: ([], []) for name in sides}
+    for fn in sides.values():
+        fn(inputs, n, 4)  # warm-up
+    for r in range(rounds):
+        for name in list(sides)[r % len(sides):] + list(sides)[:r % len(sides)]:
+            for out, k in zip(times[name], (new_tokens, 1)):
+                sync()
+                t0 = time.perf_counter()
+                sides[name](inputs, n, k)
+                sync()
+                out.append(time.perf_counter() - t0)
+    return {name: (statistics.median(full), statistics.median(prefill)) for name, (full, prefill) in times.items()}
+
+
 @dataclass
 class RolloutConfig:
     model: str = model_lib.DEFAULT_MODEL_DIR  # the tiny model is built if missing
@@ -141,24 +159,13 @@ def bench_rollout(argv):
     summary = {}
     for (B, n), inputs in shapes.items():
         N = args["new_tokens"]
-        times = {(name, k): [] for name in sides for k in ("full", "prefill")}
         with torch.no_grad():
-            for fn in sides.values():
-                fn(inputs, n, 4)  # warm-up
-            for r in range(args["rounds"]):
-                # rotate the order so no side always runs on a warmer (or busier) machine
-                for name in list(sides)[r % 3:] + list(sides)[:r % 3]:
-                    for k, new_tokens in (("full", N), ("prefill", 1)):
-                        t0 = time.perf_counter()
-                        sides[name](inputs, n, new_tokens)
-                        times[(name, k)].append(time.perf_counter() - t0)
-        med = {key: statistics.median(v) for key, v in times.items()}
-        tok_s = {name: B * n * N / med[(name, "full")] for name in sides}
+            med = median_times(sides, inputs, n, N, args["rounds"])
+        tok_s = {name: B * n * N / full for name, (full, _) in med.items()}
         print(f"batch {B} prompts x {n} samples, prompt len {inputs['input_ids'].shape[1]}, {N} new tokens:")
-        for name in sides:
-            prefill = med[(name, "prefill")]
-            decode = med[(name, "full")] - prefill
-            print(f"  {name:8s} {tok_s[name]:8.0f} tok/s  total {med[(name, 'full')]:.3f}s  prefill+1 {prefill:.3f}s  "
+        for name, (full, prefill) in med.items():
+            decode = full - prefill
+            print(f"  {name:8s} {tok_s[name]:8.0f} tok/s  total {full:.3f}s  prefill+1 {prefill:.3f}s  "
                   f"decode {decode:.3f}s ({1000 * decode / (N - 1):.2f} ms/step)")
         ratios = {"compiled_hf": tok_s["compiled"] / tok_s["hf"], "compiled_eager": tok_s["compiled"] / tok_s["eager"],
                   "eager_hf": tok_s["eager"] / tok_s["hf"]}
@@ -201,11 +208,12 @@ def bench_rollout_8b(argv):
     t0 = time.perf_counter()
     with torch.device(device):
         model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16).eval()
-    lm, text = model.model.language_model, config.text_config
+    lm = model.model.language_model
     # read per step: every weight but the input embeddings (only the fed rows' are read) and the vision tower
     weight_bytes = 2 * (sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
                         + model.lm_head.weight.numel())
-    kv_bytes = 2 * 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim  # K and V, per row and slot
+    dims = memory.text_dims(config)
+    kv_bytes = 2 * dims["L"] * dims["KD"] * 2  # K and V of every layer in bf16, per row and slot (memory.py's)
     x = torch.empty(2 * memory.GiB // 4, device=device)
     y, times = torch.empty_like(x), []
     for _ in range(5):
@@ -217,18 +225,18 @@ def bench_rollout_8b(argv):
     bandwidth = 2 * x.numel() * 4 / statistics.median(times)  # bytes read and written per second
     del x, y
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"Qwen3-VL-8B shapes, {text.num_hidden_layers} layers, random bf16 weights, built in "
+    print(f"Qwen3-VL-8B shapes, {dims['L']} layers, random bf16 weights, built in "
           f"{time.perf_counter() - t0:.0f}s on {name}; {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, "
           f"{weight_bytes / 1e9:.1f} GB read per decode step; copy bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"torch {torch.__version__}")
     banned = [config.image_token_id, config.video_token_id]
     P, N, n = args.prompt_tokens, args.new_tokens, args.samples
 
-    def ours(inputs, new_tokens, compile):
+    def ours(inputs, n, new_tokens, compile):
         rollout.generate(model, inputs, n=n, max_new_tokens=new_tokens, temperature=1.0, eos_token_ids=[],
                          generator=torch.Generator(device).manual_seed(0), compile=compile)
 
-    def hf(inputs, new_tokens):
+    def hf(inputs, n, new_tokens):
         model.generate(**inputs, do_sample=True, num_return_sequences=n, max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0, suppress_tokens=banned,
                        pad_token_id=0)
@@ -245,21 +253,10 @@ def bench_rollout_8b(argv):
         with torch.no_grad():
             sync()
             t0 = time.perf_counter()
-            sides["compiled"](inputs, N)  # compiles (first shape) and records the CUDA graphs of this shape's buckets
+            sides["compiled"](inputs, n, N)  # compiles (first shape), records the CUDA graphs of this shape's buckets
             sync()
             print(f"{B} x {n} rows: first compiled call (compilation, graph recording) {time.perf_counter() - t0:.1f}s")
-            med = {}
-            for name, fn in sides.items():
-                fn(inputs, 2)  # warm-up
-                full, prefill = [], []
-                for _ in range(args.rounds):
-                    for out, new_tokens in ((full, N), (prefill, 1)):
-                        sync()
-                        t0 = time.perf_counter()
-                        fn(inputs, new_tokens)
-                        sync()
-                        out.append(time.perf_counter() - t0)
-                med[name] = (statistics.median(full), statistics.median(prefill))
+            med = median_times(sides, inputs, n, N, args.rounds, sync)
         # the compiled step attends over the whole bucket: S = bucket(P + t + 2) slots at step t
         slots = statistics.mean(rollout.bucket(P + t + 2) for t in range(N - 1))
         floor = (weight_bytes + rows * slots * kv_bytes) / bandwidth
