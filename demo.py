@@ -66,6 +66,8 @@ class Config:
     ablation: bool = False  # GRPO and Dr.GRPO next to EMA-GRPO, same SFT checkpoint, seeds and budget
     spread_experiment: bool = False  # the estimators on a binary-reward task next to a low-spread dense one
     figures: str = "docs"  # where the PNGs go (the README shows them)
+    pin_cpu: bool = True  # every stage on PINNED_CPU's kernels and threads: another x86 machine's numbers; false:
+    # torch's own choice (faster on many cores, other numbers)
 
 
 FAMILIES = {  # task key -> the paper's task groups (SPEC 8's ablation table)
@@ -76,6 +78,17 @@ FAMILIES = {  # task key -> the paper's task groups (SPEC 8's ablation table)
 COLUMNS = list(dict.fromkeys(FAMILIES.values())) + ["all"]
 ESTIMATORS = {"grpo": "GRPO", "dr_grpo": "Dr.GRPO", "ema_grpo": "EMA-GRPO"}
 PY = sys.executable
+# Float drift between CPUs was the largest noise in the demo's figures: the same code and seeds drew other SFT
+# checkpoints on other machines (README, "Runs of make demo as a distribution"), since torch's kernels, oneDNN's
+# and MKL's each pick their instructions for the CPU at hand (AVX-512 or AVX2; MKL takes other paths on Intel
+# and AMD) and reductions split over as many threads as there are cores. Every stage runs with these set (torch
+# reads them at start-up): AVX2, which x86 CPUs of the last decade share, and 2 threads (the RL runs 1 each,
+# rl_runs). Measured on an AMD EPYC (40 SFT steps of the demo; README, "One machine's numbers on another"): torch's
+# AVX2 kernels instead of its AVX-512 ones, oneDNN's likewise, and 1 thread instead of 2 each changed the losses;
+# MKL's setting changed nothing there. It is pinned because MKL's reproducibility mode (CNR) is what makes its
+# results equal across processors, Intel's among them.
+PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT",
+              "OMP_NUM_THREADS": "2"}
 # RL sized for 2 CPU cores: 16 prompts x 8 samples in two micro-batches (measured: 16 prompts a step beat 8 at the same
 # cost), lr 5e-5 (from the SFT checkpoints of suite seeds 0, 1, 2 with RL seeds 0-2 each, the overall gain over its
 # spread: 2.8x, 5.4x, 0.4x at 5e-5 against 0.0x, 18x, -0.6x at 1e-4, which took multiple choice down on seeds 0 and 2;
@@ -351,6 +364,8 @@ def seed_rows(label, runs, sft):
 
 def main(argv):
     cfg = common.parse_config(Config, argv)
+    if cfg.pin_cpu:
+        os.environ.update(PINNED_CPU)  # every stage below inherits them
     t_start = time.time()
     data_dir, model_dir = os.path.join(cfg.out, "data"), os.path.join(cfg.out, "tiny-model")
     sft_dir = os.path.join(cfg.out, "sft")

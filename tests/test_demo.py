@@ -4,9 +4,11 @@ are done, and each estimator's row built from its own seeds. The stages here are
 train_rl.py and eval.py (same arguments, same files)."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
+import torch
 
 import demo
 
@@ -171,3 +173,33 @@ def test_a_suite_without_multiple_choice_names_the_flag(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="mc_first_steps=0"):
         sft_stages(monkeypatch, tmp_path, [r for r in ROWS if r["problem_type"] != "multiple choice"],
                    ["--mc_first_steps=400"])
+
+
+class StopAtSuite(Exception):
+    pass
+
+
+PROBE = "import torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())"
+
+
+def first_stage_sees(monkeypatch, tmp_path, argv):
+    """(CPU capability, threads) that torch starts with in the demo's first stage (a probe runs in its place)."""
+    for key in demo.PINNED_CPU:
+        monkeypatch.delenv(key, raising=False)  # also what an earlier demo.main set (undone after the test)
+    seen = []
+
+    def run(cmd, done_marker=None, log=None, env=None):
+        seen.append(subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                                   check=True).stdout.split())
+        raise StopAtSuite
+
+    monkeypatch.setattr(demo, "run", run)
+    with pytest.raises(StopAtSuite):
+        demo.main([f"--out={tmp_path}", *argv])
+    return seen[0]
+
+
+def test_stages_start_on_the_pinned_kernels_and_threads(monkeypatch, tmp_path):
+    assert first_stage_sees(monkeypatch, tmp_path, []) == ["AVX2", "2"]
+    capability, threads = first_stage_sees(monkeypatch, tmp_path, ["--pin_cpu=false"])
+    assert (capability, threads) == (torch.backends.cpu.get_cpu_capability(), str(torch.get_num_threads()))
