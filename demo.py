@@ -15,12 +15,14 @@ last line of key=value pairs. Segmentation is scored by the training reward's bo
 (eval --sam2=false): SAM2 has no trained weights here, so its masks would mean nothing.
 """
 import concurrent.futures
+import getpass
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -86,9 +88,13 @@ PY = sys.executable
 # rl_runs). Measured on an AMD EPYC (40 SFT steps of the demo; README, "One machine's numbers on another"): torch's
 # AVX2 kernels instead of its AVX-512 ones, oneDNN's likewise, and 1 thread instead of 2 each changed the losses;
 # MKL's setting changed nothing there. It is pinned because MKL's reproducibility mode (CNR) is what makes its
-# results equal across processors, Intel's among them.
+# results equal across processors, Intel's among them. The stages keep their own torch.compile cache: inductor's
+# on-disk cache does not key its kernels on ATEN_CPU_CAPABILITY, and a process at AVX2 that found kernels compiled
+# for AVX-512 by an unpinned one decoded every token as 0 (the reverse corrupted memory; tests/test_rollout.py's
+# compiled test, 2026-12-04). The demo's stages do not compile; a fork that adds --compile=true is covered.
 PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2,STRICT",
-              "OMP_NUM_THREADS": "2"}
+              "OMP_NUM_THREADS": "2",
+              "TORCHINDUCTOR_CACHE_DIR": os.path.join(tempfile.gettempdir(), f"torchinductor_avx2_{getpass.getuser()}")}
 # RL sized for 2 CPU cores: 16 prompts x 8 samples in two micro-batches (measured: 16 prompts a step beat 8 at the same
 # cost), lr 5e-5 (from the SFT checkpoints of suite seeds 0, 1, 2 with RL seeds 0-2 each, the overall gain over its
 # spread: 2.8x, 5.4x, 0.4x at 5e-5 against 0.0x, 18x, -0.6x at 1e-4, which took multiple choice down on seeds 0 and 2;

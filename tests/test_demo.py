@@ -38,6 +38,16 @@ with open(metrics_file, "w") as f:
 """
 
 
+@pytest.fixture(autouse=True)
+def restore_pinned_env(monkeypatch):
+    """demo.main sets demo.PINNED_CPU in this process's environment; each test starts without them and leaves the
+    environment as it found it (a later test's torch.compile would read ATEN_CPU_CAPABILITY). setenv first: it
+    records the value or absence before it, where delenv of an absent key would record nothing to restore."""
+    for key in demo.PINNED_CPU:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
+
 @pytest.fixture
 def fake_stages(monkeypatch):
     def rl_command(cfg, sft_dir, rl_file, out_dir, estimator, seed):
@@ -179,13 +189,15 @@ class StopAtSuite(Exception):
     pass
 
 
-PROBE = "import torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())"
+PROBE = ("import os, torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "
+         "os.environ.get('TORCHINDUCTOR_CACHE_DIR') == torch._inductor.runtime.cache_dir_utils.cache_dir())")
 
 
 def first_stage_sees(monkeypatch, tmp_path, argv):
-    """(CPU capability, threads) that torch starts with in the demo's first stage (a probe runs in its place)."""
+    """(CPU capability, threads, whether inductor caches in the pinned directory) that torch starts with in the demo's
+    first stage (a probe runs in its place)."""
     for key in demo.PINNED_CPU:
-        monkeypatch.delenv(key, raising=False)  # also what an earlier demo.main set (undone after the test)
+        monkeypatch.delenv(key, raising=False)  # what an earlier demo.main set
     seen = []
 
     def run(cmd, done_marker=None, log=None, env=None):
@@ -200,6 +212,6 @@ def first_stage_sees(monkeypatch, tmp_path, argv):
 
 
 def test_stages_start_on_the_pinned_kernels_and_threads(monkeypatch, tmp_path):
-    assert first_stage_sees(monkeypatch, tmp_path, []) == ["AVX2", "2"]
-    capability, threads = first_stage_sees(monkeypatch, tmp_path, ["--pin_cpu=false"])
+    assert first_stage_sees(monkeypatch, tmp_path, []) == ["AVX2", "2", "True"]  # and a compile cache of its own
+    capability, threads, _ = first_stage_sees(monkeypatch, tmp_path, ["--pin_cpu=false"])
     assert (capability, threads) == (torch.backends.cpu.get_cpu_capability(), str(torch.get_num_threads()))
