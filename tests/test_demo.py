@@ -1,7 +1,8 @@
 """demo.rl_runs and the ablation table: RL runs side by side, each followed by its evaluation, one thread each,
 results in the order asked, finished stages skipped on a re-run, a failed run named with its output once the others
-are done, and each estimator's row built from its own seeds. The stages here are small Python scripts standing in for
-train_rl.py and eval.py (same arguments, same files)."""
+are done, and each estimator's row built from its own seeds; every stage starts on the pinned CPU kernels and
+threads. The stages here are small Python scripts standing in for train_rl.py and eval.py (same arguments, same
+files), or a probe of what torch starts with."""
 import json
 import os
 import subprocess
