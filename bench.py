@@ -83,16 +83,17 @@ class CountOps(TorchDispatchMode):
 def decode_ops(model, processor):
     """(ops of one eager decode step, of which per layer): the step counted with all layers and with one."""
     inputs = rollout_prompts(processor, 2)
-    P, lm = inputs["input_ids"].shape[1], model.model.language_model
+    lm = model.model.language_model
     out = model(**inputs, position_ids=rollout.prompt_positions(model, inputs)[0], use_cache=True)
-    cache, key_mask = rollout.resize_cache([(layer.keys, layer.values) for layer in out.past_key_values.layers],
-                                           inputs["attention_mask"].bool(), torch.arange(2), P + 1, static=False)
+    hf_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    caches = rollout.regroup(hf_cache, inputs["attention_mask"].bool(), [(k[:, :, :0], v[:, :, :0]) for k, v in hf_cache],
+                             torch.arange(2), torch.arange(2), rollout.FIRST_SLOTS, static=False)
     counts, layers = [], lm.layers
     for keep in (len(layers), 1):
         lm.layers = layers[:keep]
         with CountOps() as counter:
             rollout.decode_and_sample(model, torch.zeros(2, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long),
-                                      cache, torch.tensor([P]), key_mask, P + 1, torch.rand(2, 1), 1.0, 1.0, 0)
+                                      *caches, torch.tensor([0]), 2, torch.rand(2, 1), 1.0, 1.0, 0)
         counts.append(counter.count)
     lm.layers = layers
     return counts[0], (counts[0] - counts[1]) // (len(layers) - 1)
@@ -182,8 +183,8 @@ def bench_rollout(argv):
 
 @dataclass
 class Rollout8BConfig:
-    prompts: str = "1,3,8"  # prompts per generate call, comma-separated: 1 is the release preset's (80 GB plan), 3
-    # what a 141 GB H200 leaves room for next to the training state, 8 a rollout-only batch
+    prompts: str = "1,4,8"  # prompts per generate call, comma-separated: 4 is the release preset's (80 GB plan), 8
+    # what a 141 GB H200 leaves room for next to the training state
     samples: int = 8  # rows per prompt (the release's rollout.n)
     prompt_tokens: int = 1024  # random text tokens per prompt: media change the prefill, not a decode step
     new_tokens: int = 256  # per row, EOS suppressed on every side
@@ -257,10 +258,12 @@ def bench_rollout_8b(argv):
             sync()
             print(f"{B} x {n} rows: first compiled call (compilation, graph recording) {time.perf_counter() - t0:.1f}s")
             med = median_times(sides, inputs, n, N, args.rounds, sync)
-        # the compiled step attends over the whole bucket: S = bucket(P + t + 2) slots at step t
-        slots = statistics.mean(rollout.bucket(P + t + 2) for t in range(N - 1))
-        floor = (weight_bytes + rows * slots * kv_bytes) / bandwidth
-        print(f"  floor: weights {weight_bytes / 1e9:.1f} GB + KV {rows * slots * kv_bytes / 1e9:.1f} GB a step "
+        # the compiled step reads each prompt once and the whole generated bucket of every row: max(FIRST_SLOTS,
+        # bucket(t + 2)) slots at step t, for bucket(B) groups (a padding group is computed too)
+        new_slots = statistics.mean(max(rollout.FIRST_SLOTS, rollout.bucket(t + 2)) for t in range(N - 1))
+        slots = rollout.bucket(B) * (P + n * new_slots)
+        floor = (weight_bytes + slots * kv_bytes) / bandwidth
+        print(f"  floor: weights {weight_bytes / 1e9:.1f} GB + KV {slots * kv_bytes / 1e9:.1f} GB a step "
               f"= {1000 * floor:.2f} ms at {bandwidth / 1e12:.2f} TB/s")
         for name, (full, prefill) in med.items():
             step = (full - prefill) / (N - 1)

@@ -98,8 +98,9 @@ class Config:
 
 # the release's eval settings (and our decode step compiled); its media minimums are qwen-vl-utils' defaults
 # (eval_bench passes none): 4 merged tokens an image, 128 a video frame. batch_tokens sized by memory.py for 80 GB
-# (`--preset=release --plan=true`): 4 rows of the longest video prompt per batch (8 fit 141 GB: --batch_tokens=262144)
-PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=131072, compile=True,
+# (`--preset=release --plan=true`): 8 rows of the longest video prompt per batch, 53.8 GiB (16 fit 141 GB:
+# --batch_tokens=524288, 91.4 GiB)
+PRESETS = {"release": dict(max_new_tokens=8192, batch_size=64, batch_tokens=262144, compile=True,
                            prompt_template="release",
                            sizing="qwen_vl_utils", image_min_pixels=4 * 32 * 32, video_min_pixels=128 * 32 * 32)}
 # counted per task, each scores 0: no parsable answer; media missing or not decodable; the prompt leaves no room
@@ -681,7 +682,7 @@ def token_batches(order, lengths, batch_size, batch_tokens, max_new_tokens):
     batches, batch = [], []
     for i in order:
         rows = [j for j in batch + [i] if lengths[j] is not None]
-        slots = memory.kv_cache_slots(len(rows), max([lengths[j] for j in rows], default=0), max_new_tokens)
+        slots = memory.kv_cache_slots(len(rows), 1, max([lengths[j] for j in rows], default=0), max_new_tokens)
         if batch and (len(batch) == batch_size or (batch_tokens and rows and slots > batch_tokens)):
             batches.append(batch)
             batch = []

@@ -19,9 +19,10 @@ What each term counts (per GPU; FSDP2 over `gpus` ranks; bytes: p the weights' d
   saved tensors.
 - logits: rollout.sampled_logprobs holds one chunk's logits at a time; at the peak of its backward that is
   3 fp32 [LOGITS_CHUNK, vocab] tensors (log_softmax's output, its gradient and the gather's gradient).
-- KV cache: rollout.generate's growth rule (issue #18's bucketed cache): rows rounded up to a power of two, the
-  length P + t rounded up to a power of two, and while it doubles the old and the new cache both live
-  (`kv_cache_slots`). Never rows x (P + max_new_tokens) preallocated.
+- KV cache: rollout.generate's layout and growth rule: the prompt held once per group of n samples (prompts
+  rounded up to a power of two), the generated tokens per row, their length t rounded up to a power of two, and
+  while it doubles the old and the new both live (`kv_cache_slots`). Never rows x (P + max_new_tokens)
+  preallocated.
 - prefill (no gradients): one layer's transient activations of every prompt token, the prompt's KV cache as HF
   returns it beside its copy into the decode cache, and the vision tower's per-patch transients.
 The terms of a phase are summed as if they were all alive at once: an upper bound where they are not (gradients
@@ -72,13 +73,14 @@ def bucket(n):
     return 1 << max(n - 1, 0).bit_length()
 
 
-def kv_cache_slots(rows, prompt_tokens, new_tokens):
-    """Token slots of the decode cache at its largest, under rollout.generate's rule: bucket(rows) rows of
-    bucket(prompt + t + 1) slots at step t; when the length outgrows its bucket the cache is copied into one twice
-    as long, both alive during the copy. Worst case: every row runs to new_tokens."""
-    length = bucket(prompt_tokens + new_tokens)
-    doubled = length > bucket(prompt_tokens + 1)
-    return bucket(rows) * (length + (length // 2 if doubled else 0))
+def kv_cache_slots(prompts, n, prompt_tokens, new_tokens):
+    """Token slots of the decode caches at their largest, under rollout.generate's rule: bucket(prompts) groups of
+    prompt_tokens slots (one per prompt, not per sample), and bucket(prompts) x n rows of generated slots,
+    max(FIRST_SLOTS, bucket(t + 2)) at step t; when that length outgrows its bucket the cache is copied into one
+    twice as long, both alive during the copy. Worst case: every row runs to new_tokens."""
+    length = max(rollout.FIRST_SLOTS, bucket(new_tokens))
+    doubled = length > rollout.FIRST_SLOTS
+    return bucket(prompts) * (prompt_tokens + n * (length + (length // 2 if doubled else 0)))
 
 
 def text_dims(config):
@@ -139,8 +141,8 @@ def generate_phases(config, c, prompts, rows, prompt_tokens, patches, new_tokens
     fp32 for the rotary; two MLP intermediates) and the merged and deepstack features it keeps for the language
     model; prefill: one decoder layer's transients per prompt token (gate, up and activation at intermediate
     width, four hidden-wide values, q, k, v), the prompt KV cache HF fills as it goes, and those features;
-    cache copy: HF's prompt cache and the first decode cache it is copied into; decode: the cache at its largest
-    (kv_cache_slots) and the step's fp32 logits, probabilities and cdf."""
+    cache copy: HF's prompt cache and the decode caches: its copy, one per group, and the first generated slots;
+    decode: the caches at their largest (kv_cache_slots) and the step's fp32 logits, probabilities and cdf."""
     d, v = text_dims(config), config.vision_config
     kv_token = 2 * d["L"] * d["KD"] * c
     tokens = prompts * prompt_tokens
@@ -150,10 +152,10 @@ def generate_phases(config, c, prompts, rows, prompt_tokens, patches, new_tokens
                 8 * v.hidden_size + 2 * v.intermediate_size), "merged and deepstack features": features},
             "prefill": {**resident, "one layer's transients": tokens * c * (3 * d["I"] + 4 * d["H"] + d["QD"] + 2 * d["KD"]),
                         "merged and deepstack features": features, **prompt_kv},
-            "cache copy": {**resident, **prompt_kv,
-                           "first decode cache": bucket(rows) * bucket(prompt_tokens + 1) * kv_token},
-            "decode": {**resident, "KV cache (largest, while it doubles)":
-                       kv_cache_slots(rows, prompt_tokens, new_tokens) * kv_token,
+            "cache copy": {**resident, **prompt_kv, "first decode caches": bucket(prompts) * (
+                prompt_tokens + rows // prompts * rollout.FIRST_SLOTS) * kv_token},
+            "decode": {**resident, "KV caches (largest, while they double)":
+                       kv_cache_slots(prompts, rows // prompts, prompt_tokens, new_tokens) * kv_token,
                        "decode logits (fp32 logits, probabilities, cdf)": bucket(rows) * d["V"] * 4 * 3}}
 
 
@@ -231,7 +233,7 @@ def eval_phases(cfg, config, media):
     c = 2 if cfg.bf16 else 4
     P, patches = longest_prompt(config, media)
     rows = cfg.batch_size
-    while cfg.batch_tokens and rows > 1 and kv_cache_slots(rows, P, cfg.max_new_tokens) > cfg.batch_tokens:
+    while cfg.batch_tokens and rows > 1 and kv_cache_slots(rows, 1, P, cfg.max_new_tokens) > cfg.batch_tokens:
         rows -= 1
     return rows, generate_phases(config, c, rows, rows, P, patches, cfg.max_new_tokens, {"weights": n["total"] * c})
 

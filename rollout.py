@@ -6,8 +6,9 @@ Rollout: batched generation for image, video and text prompts with a KV cache, p
 
 How a rollout runs (one screen each below):
 1. prefill: the left-padded prompt batch goes once through the HF forward (vision tower, deepstack, 3D rope
-   positions computed here once); its KV cache is copied to the n samples of each prompt, in a cache whose rows
-   and length are powers of two, grown as decoding goes (generate's docstring has the rule).
+   positions computed here once); its KV cache is held once per prompt, for all n samples, and the generated
+   tokens' in a second cache whose rows and length are powers of two, grown as decoding goes (generate's
+   docstring has the rule).
 2. decode: one token per step through our own decode step, which calls the model's own layers (norms,
    projections, MLP, rotary) on the cached keys/values. Rows that stop are ignored, and dropped from the batch
    and the cache once the rest fit half of it. compile=True runs the step through torch.compile (CUDA graphs on
@@ -145,9 +146,9 @@ def gathered_params(model):
     Memory while gathered, Qwen3-VL-8B (8.8B params) on 8 x 80 GB GPUs: the full bf16 weights, 17.5 GB per GPU
     (2.2 GB sharded), next to the sharded training state (fp32 params 4.4 GB + AdamW moments 8.8 GB; grads are
     freed before a rollout) and the KV cache: 36 layers x 8 KV heads x 128 dims x 2 (K, V) x 2 bytes = 147 KB
-    per token and row, prompt included (it is copied to each of the n samples); 32 rows x 4k tokens = 19 GB.
-    About 50 GB in all: size rollout micro-batches for the cache's worst case, rows x bucket(prompt +
-    max_new_tokens) (it grows to that only when a row runs that long; generate's growth rule).
+    per token: the prompt's once per prompt, the generated tokens' per row; 4 prompts of 4.6k tokens x 8 samples
+    of up to 4k tokens = 29.5 GiB at the worst (memory.kv_cache_slots; generate's growth rule: it grows that large
+    only when rows run that long). Size rollout batches with `train_rl.py --plan=true`.
     """
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for module in fsdp_modules:
@@ -167,24 +168,31 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
-def decode_step(model, tokens, positions, cache, slot, key_mask, length):
-    """Logits [A, V] for one new token per row. tokens [A], positions [3, A] their rope positions, cache a list of
-    (keys, values) per layer, each [A, kv_heads, S, head_dim], this token's K/V written at `slot` (a [1] long
-    tensor), key_mask [A, S] bool (which cached keys a row attends to; columns after `slot` are ignored).
+def decode_step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length):
+    """Logits [A, V] for one new token per row. The A rows are G groups of m rows (A = G * m) that share a prompt:
+    the n samples of one prompt, or those of them still decoding. tokens [A], positions [3, A] their rope
+    positions; prompt_cache a list of (keys, values) per layer, each [G, kv_heads, P, head_dim], one copy per group,
+    prompt_mask [G, P] bool (False on left padding); cache the generated tokens' (keys, values) per layer, each
+    [A, kv_heads, S, head_dim], this token's K/V written at `slot` (a [1] long tensor: the decode step t).
 
     The same layers as the HF forward, called part by part: skips the mask building, output capturing and
     cache bookkeeping that dominate a one-token forward on small batches. Deepstack adds vision features at
-    vision positions only, so decode (text tokens) has none. Attention reads the first `length` slots: the eager
-    loop passes the filled ones, the compiled step the whole bucket S, so that with the slot a tensor every shape
-    is fixed by (A, S) and CUDA graphs replay one graph per bucket (`compiled_step`). It is written out (two
-    matmuls and a masked softmax, fp32) for one query per row, where SDPA would need its [A, Hq, 1, S] mask.
+    vision positions only, so decode (text tokens) has none. Attention reads the prompt once per group: the
+    queries of a group's m rows go through one product with its prompt keys (a matrix product, where a copy of the
+    prompt per row made it m products of one query; the prompt is most of what a step reads, so this divides the
+    step's cache reads by up to m), and each row's own generated keys after it, under one softmax. It reads the
+    first `length` generated slots: the eager loop passes those written so far, the compiled step the whole bucket
+    S, so that with the slot a tensor every shape is fixed by (G, m, S) and CUDA graphs replay one graph per
+    bucket (`compiled_step`). It is written out (matmuls and a masked softmax, fp32) for one query per row, where
+    SDPA would need its [A, Hq, 1, S] mask.
     """
     lm = model.model.language_model
+    G, P = prompt_mask.shape
     h = lm.embed_tokens(tokens)[:, None]  # [A, 1, H]
     cos, sin = lm.rotary_emb(h, positions[:, :, None])  # [A, 1, D] each
     cos, sin = cos[:, None], sin[:, None]  # [A, 1, 1, D] broadcast over heads
-    mask = key_mask[:, :length] & (torch.arange(length, device=tokens.device) <= slot)  # [A, length]
-    for layer, (keys, values) in zip(lm.layers, cache):
+    written = torch.arange(length, device=tokens.device) <= slot  # [length]
+    for layer, (prompt_keys, prompt_values), (keys, values) in zip(lm.layers, prompt_cache, cache):
         attn = layer.self_attn
         x = layer.input_layernorm(h)  # [A, 1, H]
         q = attn.q_norm(attn.q_proj(x).unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)  # [A, Hq, 1, D]
@@ -192,18 +200,26 @@ def decode_step(model, tokens, positions, cache, slot, key_mask, length):
         v = attn.v_proj(x).unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)  # [A, Hkv, 1, D]
         keys.index_copy_(2, slot, rotate(k, cos, sin))  # in place on the whole tensor: inductor keeps it so
         values.index_copy_(2, slot, v)
-        q = rotate(q, cos, sin).unflatten(1, (keys.shape[1], -1)).squeeze(3)  # [A, Hkv, Hq/Hkv, D]
-        scores = (q @ keys[:, :, :length].transpose(2, 3)) * attn.scaling  # [A, Hkv, Hq/Hkv, length]
-        scores = scores.masked_fill(~mask[:, None, None], float("-inf")).float().softmax(-1)
-        y = (scores.to(values.dtype) @ values[:, :, :length]).flatten(1, 2)  # [A, Hq, D]
+        q = rotate(q, cos, sin).unflatten(1, (keys.shape[1], -1)).squeeze(3)  # [A, Hkv, Q, D], Q = Hq / Hkv
+        Q = q.shape[2]
+        grouped = q.unflatten(0, (G, -1)).transpose(1, 2).flatten(2, 3)  # [G, Hkv, m*Q, D] a group's queries
+        on_prompt = (grouped @ prompt_keys.transpose(2, 3)).masked_fill(~prompt_mask[:, None, None], float("-inf"))
+        on_new = (q @ keys[:, :, :length].transpose(2, 3)).masked_fill(~written, float("-inf"))  # [A, Hkv, Q, length]
+        on_new = on_new.unflatten(0, (G, -1)).transpose(1, 2).flatten(2, 3)  # [G, Hkv, m*Q, length]
+        scores = (torch.cat([on_prompt, on_new], -1) * attn.scaling).float().softmax(-1)  # [G, Hkv, m*Q, P+length]
+        y = scores[..., :P].to(prompt_values.dtype) @ prompt_values  # [G, Hkv, m*Q, D]
+        y = y.unflatten(2, (-1, Q)).transpose(1, 2).flatten(0, 1)  # [A, Hkv, Q, D]
+        on_new = scores[..., P:].unflatten(2, (-1, Q)).transpose(1, 2).flatten(0, 1)  # [A, Hkv, Q, length]
+        y = y + on_new.to(values.dtype) @ values[:, :, :length]  # [A, Hkv, Q, D]
         h = h + attn.o_proj(y.flatten(1))[:, None]  # [A, 1, H]
         h = h + layer.mlp(layer.post_attention_layernorm(h))  # [A, 1, H]
     return model.lm_head(lm.norm(h))[:, 0].float()  # [A, V]
 
 
-def decode_logits(model, tokens, positions, cache, slot, key_mask, length):
+def decode_logits(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length):
     """decode_step's logits [A, V] with the media tokens excluded: what a GPU's compiled step captures."""
-    return no_media_tokens(model, decode_step(model, tokens, positions, cache, slot, key_mask, length))
+    return no_media_tokens(model, decode_step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot,
+                                                   length))
 
 
 def pick(logits, u, temperature, top_p, top_k):
@@ -213,9 +229,11 @@ def pick(logits, u, temperature, top_p, top_k):
     return new, logits.gather(-1, new[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def decode_and_sample(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k):
+def decode_and_sample(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length, u, temperature,
+                      top_p, top_k):
     """One decode step and its sampling: the eager step, and what the CPU's compiled step compiles."""
-    return pick(decode_logits(model, tokens, positions, cache, slot, key_mask, length), u, temperature, top_p, top_k)
+    return pick(decode_logits(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length), u,
+                temperature, top_p, top_k)
 
 
 @functools.cache
@@ -236,9 +254,13 @@ def compiled_step(device_type):
         return torch.compile(decode_and_sample, dynamic=True, options=options)
     logits_step = torch.compile(decode_logits, dynamic=True, options={**options, "triton.cudagraphs": True})
 
-    def step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k):
-        return pick(logits_step(model, tokens, positions, cache, slot, key_mask, length), u, temperature, top_p, top_k)
+    def step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length, u, temperature, top_p, top_k):
+        return pick(logits_step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length), u,
+                    temperature, top_p, top_k)
     return step
+
+
+FIRST_SLOTS = 16  # the generated tokens' first cache length: fewer reallocations while it is short
 
 
 def bucket(n):
@@ -246,24 +268,27 @@ def bucket(n):
     return 1 << max(n - 1, 0).bit_length()
 
 
-def resize_cache(cache, key_mask, keep, length, static):
-    """A new cache holding rows `keep` (a [A'] index) of `cache` and `length` slots; what it had past its old length
-    is zeros with key_mask True (generated positions: every row attends to its own). static: mark the new tensors
-    as fixed addresses for CUDA graphs (they are written in place inside the graph)."""
-    copy = min(length, key_mask.shape[1])  # slots kept
-    new_mask = torch.ones(len(keep), length, dtype=torch.bool, device=key_mask.device)  # [A', S']
-    new_mask[:, :copy] = key_mask[keep, :copy]
+def regroup(prompt_cache, prompt_mask, cache, groups, keep, length, static):
+    """The caches for a new layout of the batch: prompt groups `groups` (a [G'] index of the old groups; None: the
+    same groups, no copy) and rows `keep` (a [A'] index of the old rows) of the generated tokens' cache, in a new
+    one of `length` slots (zeros past what it held). static: mark the new tensors as fixed addresses for CUDA
+    graphs (the generated ones are written in place inside the graph; the prompt's would be copied in each replay)."""
+    if groups is not None:
+        prompt_mask = prompt_mask[groups]
+        prompt_cache = [(keys[groups], values[groups]) for keys, values in prompt_cache]  # [G', Hkv, P, D] each
     new_cache = []
     for keys, values in cache:
         pair = []
         for old in (keys, values):
+            copy = min(length, old.shape[2])  # slots kept
             new = old.new_zeros(len(keep), old.shape[1], length, old.shape[3])  # [A', Hkv, S', D]
             new[:, :, :copy] = old[keep, :, :copy]
-            if static:
-                torch._dynamo.mark_static_address(new)
             pair.append(new)
         new_cache.append(tuple(pair))
-    return new_cache, new_mask
+    if static:
+        for tensor in [t for pair in prompt_cache + new_cache for t in pair]:
+            torch._dynamo.mark_static_address(tensor)
+    return prompt_cache, prompt_mask, new_cache
 
 
 # -----------------------------------------------------------------------------
@@ -282,19 +307,25 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
     i. An empty eos_token_ids never stops early.
     `generator` (a torch.Generator on the model's device, or None for the global RNG) is used only for the
     uniforms of `sample`: one per unfinished row per step, in row order, so with the same seed
-    generate(inputs, n=k) == generate(repeat_inputs(inputs, k), n=1).
+    generate(inputs, n=k) == generate(repeat_inputs(inputs, k), n=1) up to float rounding (the shared prompt's
+    product sums in another order than k copies' products: where a uniform falls within ~1e-6 of a token's
+    boundary, a sample can differ).
     compile=True runs each decode step through `compiled_step` (same tokens, log-probs equal within float
     rounding; tested); the first calls pay the compilation (`bench.py rollout` prints how long).
 
-    KV cache growth rule (memory.py models it): the cache holds A rows x S slots per layer, K and V each
-    [A, kv_heads, S, head_dim], with A = bucket(unfinished rows) (<= bucket(B*n)) and S = bucket(P + t + 2) at
-    decode step t (P the padded prompt length, P + t + 1 slots written): the next power of two above what is
-    needed so far, never B*n x (P + max_new_tokens) up front. One slot stays free so that attention over the
-    written slots (all but CUDA graphs) is never a slice as long as the cache, which torch.compile would
-    compile apart. The cache is reallocated when decoding reaches that free slot (S doubles) or when the
-    unfinished rows fit half of A (finished rows are dropped); during that copy the old and new caches both
-    live (old + new: 1.5x the new size when S doubles). Between reallocations finished rows stay in the batch
-    and are computed and ignored (at most half the rows), which keeps every step's shapes fixed.
+    KV cache layout and growth rule (memory.py models it). The batch is G = bucket(B) groups of m = n rows (group g
+    the samples of prompt g; groups past B are padding). The prompt's keys and values are held once per group, not
+    once per sample: [G, kv_heads, P, head_dim] per layer (P the padded prompt length), as the prefill computed
+    them; the generated tokens' in a second cache, [A, kv_heads, S, head_dim] with A = G * m rows and S slots,
+    S = max(FIRST_SLOTS, bucket(t + 2)) at decode step t (t + 1 slots written): the next power of two above what
+    is needed so far, never B*n x max_new_tokens up front. One slot stays free so that attention over the written
+    slots (all but CUDA graphs) is never a slice as long as the cache, which torch.compile would compile apart.
+    The generated cache is reallocated when decoding reaches that free slot (S doubles; old and new both live
+    during the copy: 1.5x the new size) or when the unfinished rows fit a layout of half the rows: G' = bucket(groups
+    with an unfinished row) and m' = bucket(most unfinished rows in one group); then the finished rows are dropped,
+    and the prompt cache is copied to the G' groups kept if there are fewer. Between reallocations finished rows
+    stay in the batch and are computed and ignored (at most half the rows), which keeps every step's shapes fixed.
+    With n = 1 each group is one row: the rows-only layout of a plain batched decode.
     """
     if n < 1 or max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"rollout: bad sampling arguments n={n} max_new_tokens={max_new_tokens} "
@@ -313,7 +344,7 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
         return dict(response_ids=response_ids[:Bn], logprobs=logprobs[:Bn],
                     response_mask=response_ids[:Bn].clone().zero_(), finish_reasons=["length"] * Bn)
 
-    # --- prefill: once per prompt; its cache rows go to the n samples (and to the padding rows of the bucket)
+    # --- prefill: once per prompt; its cache is its group's prompt cache (a padding group holds a copy of the last)
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
     out = model(**inputs, position_ids=position_ids, use_cache=True, logits_to_keep=1)
     step = compiled_step(device.type) if compile else decode_and_sample
@@ -326,20 +357,23 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
         logits = no_media_tokens(model, out.logits[:, -1].float()).repeat_interleave(n, 0)  # [Bn, V]
         tokens = sample(logits, temperature, top_p, top_k, generator)  # [Bn]
         logp = logits.gather(-1, tokens[:, None]).squeeze(-1) - logits.logsumexp(-1)  # [Bn]
-        A = bucket(Bn)
-        source = (torch.arange(A, device=device) // n).clamp(max=B - 1)  # [A] the prompt of each batch row
-        cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [B, Hkv, P, D] each
-        cache, key_mask = resize_cache(cache, inputs["attention_mask"].bool(), source, bucket(P + 2), static)
-        del out
+        G, m = bucket(B), n  # groups of m rows: group g the samples of prompt g, groups past B padding
+        A = G * m
+        source = torch.arange(G, device=device).clamp(max=B - 1)  # [G] the prompt of each group
+        hf_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [B, Hkv, P, D] each
+        no_slots = [(keys[:, :, :0], values[:, :, :0]) for keys, values in hf_cache]  # nothing generated yet
+        prompt_cache, prompt_mask, cache = regroup(hf_cache, inputs["attention_mask"].bool(), no_slots, source,
+                                                   source.repeat_interleave(m), FIRST_SLOTS, static)
+        del out, hf_cache, no_slots
         # padded prompt slots are never attended, but zero them so no stray NaN/inf there can leak in as 0 * x
-        for keys, values in cache:
-            keys.masked_fill_(~key_mask[:, None, :, None], 0)
-            values.masked_fill_(~key_mask[:, None, :, None], 0)
-        positions = next_pos[:, source]  # [3, A] of the token each row feeds next
+        for keys, values in prompt_cache:
+            keys.masked_fill_(~prompt_mask[:, None, :, None], 0)
+            values.masked_fill_(~prompt_mask[:, None, :, None], 0)
+        positions = next_pos[:, source.repeat_interleave(m)]  # [3, A] of the token each row feeds next
         rows = torch.arange(A, device=device).clamp(max=Bn)  # [A] output row of each batch row; Bn: none (padding)
         tokens, logp = F.pad(tokens, (0, A - Bn), value=pad_id), F.pad(logp, (0, A - Bn))  # [A]
-        slot = torch.full((1,), P, device=device)  # where the fed token's K/V go
-        live, S = Bn, key_mask.shape[1]
+        slot = torch.zeros(1, dtype=torch.long, device=device)  # where the fed token's K/V go: step t
+        live, live_groups, widest, S = Bn, B, n, FIRST_SLOTS
         for t in range(max_new_tokens):
             response_ids[rows, t] = tokens
             logprobs[rows, t] = logp
@@ -348,15 +382,20 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                 lengths[rows[stop]] = t + 1
                 stopped[rows[stop]] = True
                 rows = rows.masked_fill(stop, Bn)
-                live = int((rows < Bn).sum())
+                per_group = (rows < Bn).view(G, m).sum(1)  # [G] unfinished rows of each group
+                live, live_groups, widest = int(per_group.sum()), int((per_group > 0).sum()), int(per_group.max())
             if t + 1 == max_new_tokens or live == 0:
                 break
-            if live <= A // 2 or P + t + 1 >= S:  # fewer rows fit a smaller bucket, or the free slot is reached
-                order = torch.argsort((rows == Bn).int(), stable=True)  # [A] unfinished rows first, in order
-                keep = order[:bucket(live)]  # [A'] plus finished rows up to the bucket
-                cache, key_mask = resize_cache(cache, key_mask, keep, max(S, bucket(P + t + 2)), static)
+            G2, m2 = bucket(live_groups), min(bucket(widest), m)
+            if G2 * m2 <= A // 2 or t + 1 >= S:  # the unfinished rows fit half the batch, or the free slot is reached
+                unfinished = (rows < Bn).view(G, m)  # [G, m]
+                within = torch.argsort((~unfinished).int(), dim=1, stable=True)[:, :m2]  # [G, m2] unfinished rows first
+                groups = torch.argsort((~unfinished.any(1)).int(), stable=True)[:G2]  # [G2] groups with some first
+                keep = (groups[:, None] * m + within[groups]).flatten()  # [G2 * m2] in order: prompt, then sample
+                prompt_cache, prompt_mask, cache = regroup(prompt_cache, prompt_mask, cache, groups if G2 < G else None,
+                                                           keep, max(S, bucket(t + 2)), static)
                 tokens, positions, rows = tokens[keep], positions[:, keep], rows[keep]
-                A, S = len(keep), key_mask.shape[1]
+                G, m, A, S = G2, m2, G2 * m2, cache[0][0].shape[2]
             u = None
             if temperature > 0:  # one uniform per unfinished row, in row order (finished ones get 0)
                 u = torch.rand(live, 1, generator=generator, device=device)  # [live, 1]
@@ -364,9 +403,11 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                     u = torch.zeros(A, 1, device=device).index_copy_(0, (rows < Bn).nonzero()[:, 0], u)  # [A, 1]
             if static:
                 torch.compiler.cudagraph_mark_step_begin()
-            length = S if static else P + t + 1  # CUDA graphs: the whole bucket (fixed shapes); else written slots
+            length = S if static else max(t + 1, 2)  # CUDA graphs: the whole bucket (fixed shapes); else the written
+            # slots, at least 2 (the unwritten one masked): torch.compile would compile a length of 1 apart
             # (on GPU the graph's logits buffer is overwritten by the next replay: `pick` has used it by then)
-            tokens, logp = step(model, tokens, positions, cache, slot, key_mask, length, u, temperature, top_p, top_k)
+            tokens, logp = step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length, u, temperature,
+                                top_p, top_k)
             positions, slot = positions + 1, slot + 1
 
     T = int(lengths[:Bn].max())

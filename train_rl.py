@@ -140,11 +140,11 @@ PRESETS = {
     "shapes": {},
     "release": dict(max_steps=200, prompts_per_step=128, group_size=8, max_new_tokens=4096, ppo_updates=4,
                     # sized by memory.py for 8 x 80 GB (`--preset=release --plan=true` prints it): fp32 master
-                    # weights (the default) fit with 4-sequence micro-batches and one prompt per generate call,
-                    # the rollout's KV cache the peak; the release's bf16 weights (--param_dtype=bf16) save 6 GiB,
-                    # too little for 8-sequence micro-batches. On 8 x 141 GB: --micro_batch_seqs=8
-                    # --rollout_batch_prompts=2.
-                    micro_batch_seqs=4, rollout_batch_prompts=1, lr=2e-6, weight_decay=0.01,
+                    # weights (the default) fit with 4-sequence micro-batches and four prompts (32 rows) per
+                    # generate call, the rollout's KV caches the peak (58.2 GiB; 8 prompts: 87.7); the release's
+                    # bf16 weights (--param_dtype=bf16) save 6 GiB, too little for 8-sequence micro-batches. On
+                    # 8 x 141 GB: --micro_batch_seqs=8 --rollout_batch_prompts=8.
+                    micro_batch_seqs=4, rollout_batch_prompts=4, lr=2e-6, weight_decay=0.01,
                     grad_checkpointing=True, bf16=True,
                     share_prompt=False,  # gradient checkpointing (needed at 8B) drops the prompt's KV cache
                     balance_modalities=False, cache_inputs=False, compile=True, sample_every=10, save_every=25,

@@ -14,6 +14,7 @@ import demo
 import eval as eval_lib
 import memory
 import model as model_lib
+import rollout
 import shapes
 import train_rl
 import train_sft
@@ -77,12 +78,14 @@ def test_release_plans_are_built_on_the_meta_device_and_fit(capsys):
     assert "eval, Qwen3-VL-8B in bf16" in out and "DOES NOT FIT" not in out
     cfg = common.parse_config(train_rl.Config, ["--preset=release"], train_rl.PRESETS)
     assert memory.print_rl_plan(cfg) < 0.9 * 80e9
-    # the same config with the rollout batch it had before the plan: its decode cache outgrows 80 GB
-    assert memory.print_rl_plan(dataclasses.replace(cfg, rollout_batch_prompts=2)) > 80e9
+    # twice the preset's rollout batch: its decode caches outgrow 80 GB
+    assert memory.print_rl_plan(dataclasses.replace(cfg, rollout_batch_prompts=2 * cfg.rollout_batch_prompts)) > 80e9
 
 
 def test_kv_cache_slots_follow_the_bucketed_growth():
-    """16 rows of a 4,608-token prompt and 4,096 new tokens: 16 rows of 16,384 slots while the 8,192-slot cache is
-    copied into them; a length that fits its first bucket never doubles."""
-    assert memory.kv_cache_slots(16, 4608, 4096) == 16 * (16384 + 8192)
-    assert memory.kv_cache_slots(9, 100, 20) == 16 * 128
+    """2 prompts of 4,608 tokens x 8 samples and 4,096 new tokens: the prompts once, 16 rows of 4,096 generated
+    slots while the 2,048-slot cache is copied into them; 9 prompts x 1 sample: 16 groups; a length that fits the
+    first generated slots never doubles. (tests/test_rollout.py holds this to what generate allocates.)"""
+    assert memory.kv_cache_slots(2, 8, 4608, 4096) == 2 * 4608 + 16 * (4096 + 2048)
+    assert memory.kv_cache_slots(9, 1, 100, 20) == 16 * (100 + 32 + 16)
+    assert memory.kv_cache_slots(3, 4, 100, rollout.FIRST_SLOTS) == 4 * (100 + 4 * rollout.FIRST_SLOTS)

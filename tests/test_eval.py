@@ -313,8 +313,8 @@ def test_token_batches_keep_the_kv_cache_within_batch_tokens():
     for batch in batches:
         rows = [i for i in batch if lengths[i] is not None]
         assert len(batch) <= 3
-        assert len(batch) == 1 or memory.kv_cache_slots(len(rows), max(lengths[i] for i in rows), 100) <= 4000
-    assert batches == [[0, 1], [2, 3, 5], [6, 4]]  # a third row of 1000 slots would make 4 rows (powers of 2)
+        assert len(batch) == 1 or memory.kv_cache_slots(len(rows), 1, max(lengths[i] for i in rows), 100) <= 4000
+    assert batches == [[0, 1], [2, 3, 5], [6, 4]]  # a third row would make 4 rows (powers of 2) of 900 + 192 slots
     assert ev.token_batches(order, lengths, 3, 0, 100) == [order[:3], order[3:6], order[6:]]  # no cap
 
 

@@ -12,6 +12,7 @@ import torch
 from conftest import TEST_MEDIA, torchrun
 
 import data
+import memory
 import model as model_lib
 import rollout
 
@@ -243,23 +244,24 @@ def test_shared_prefill_equals_sampling_repeated_prompts(peaked, suite_dir, temp
 
 
 def record_resizes(monkeypatch):
-    """Every cache rollout.generate allocates, as (rows, slots)."""
-    sizes, resize = [], rollout.resize_cache
+    """Every cache layout rollout.generate allocates, as (prompt groups, rows, generated slots)."""
+    sizes, regroup = [], rollout.regroup
 
-    def recording(cache, key_mask, keep, length, static):
-        sizes.append((len(keep), length))
-        return resize(cache, key_mask, keep, length, static)
-    monkeypatch.setattr(rollout, "resize_cache", recording)
+    def recording(prompt_cache, prompt_mask, cache, groups, keep, length, static):
+        out = regroup(prompt_cache, prompt_mask, cache, groups, keep, length, static)
+        sizes.append((out[1].shape[0], len(keep), length))
+        return out
+    monkeypatch.setattr(rollout, "regroup", recording)
     return sizes
 
 
 def test_cache_grows_with_what_is_generated(peaked, suite_dir, monkeypatch):
-    """max_new_tokens=600, rows stopping after at most 30 tokens: the cache never holds P + 600 slots, only the
-    next power of two of the longest response so far, and finished rows leave it; the tokens are those of a run
-    that never stops (compaction and growth keep every row exact)."""
+    """max_new_tokens=600, rows stopping after at most 30 tokens: the generated tokens' cache never holds 600 slots,
+    only the next power of two of the longest response so far; the prompt is held once per group of n samples, and
+    finished rows leave the batch (then groups with none left); the tokens are those of a run that never stops
+    (compaction and growth keep every row exact)."""
     tiny_model, processor = peaked
     inputs = mixed_batch(suite_dir, processor)
-    P = inputs["input_ids"].shape[1]
     free = rollout.generate(tiny_model, inputs, n=2, max_new_tokens=30, temperature=0, eos_token_ids=[])
     stop_ids = free["response_ids"][[0, 2, 4], [5, 17, 29]].tolist()  # rows stop by steps 6, 18, 30 at the latest
     sizes = record_resizes(monkeypatch)
@@ -268,34 +270,53 @@ def test_cache_grows_with_what_is_generated(peaked, suite_dir, monkeypatch):
     assert lengths.max() <= 30 and lengths.min() < lengths.max()
     for i, length in enumerate(lengths.tolist()):
         assert torch.equal(out["response_ids"][i, :length], free["response_ids"][i, :length])
-    assert sizes[0] == (rollout.bucket(6), rollout.bucket(P + 2))  # 6 rows in a bucket of 8, the prompt + 2
-    assert all(rows & (rows - 1) == 0 and slots & (slots - 1) == 0 for rows, slots in sizes)  # powers of two
-    assert max(slots for _, slots in sizes) == rollout.bucket(P + int(lengths.max()))  # never P + 600
-    assert [rows for rows, _ in sizes] == sorted((rows for rows, _ in sizes), reverse=True)  # rows only leave
-    assert sizes[-1][0] < sizes[0][0]
+    assert sizes[0] == (4, 8, rollout.FIRST_SLOTS)  # 3 prompts in 4 groups of their 2 samples
+    assert all(groups & (groups - 1) == 0 and slots & (slots - 1) == 0 for groups, _, slots in sizes)  # powers of 2
+    assert max(slots for *_, slots in sizes) == max(rollout.FIRST_SLOTS, rollout.bucket(int(lengths.max())))
+    for before, after in zip(sizes, sizes[1:]):  # rows and groups only leave
+        assert after[0] <= before[0] and after[1] <= before[1]
+    assert sizes[-1][1] < sizes[0][1]
 
 
-def test_decode_step_over_the_whole_bucket_equals_the_written_slots(peaked, suite_dir):
-    """The CUDA-graph step attends over the whole cache bucket (fixed shapes), the others over the written slots
-    only: the same logits and K/V written, on a cache with left padding and unwritten slots past the token
-    (garbage here, so a mask that let them through would show)."""
+def test_memory_plan_counts_the_caches_generate_holds(peaked, suite_dir, monkeypatch):
+    """memory.kv_cache_slots (the plans of train_rl/eval --plan=true) equals the most slots generate's caches hold at
+    once: the prompt per group, the generated slots per row, and the old generated cache during its copy."""
     tiny_model, processor = peaked
     inputs = mixed_batch(suite_dir, processor)
     P = inputs["input_ids"].shape[1]
+    for n, new_tokens in ((2, 40), (1, rollout.FIRST_SLOTS)):
+        sizes = record_resizes(monkeypatch)
+        rollout.generate(tiny_model, inputs, n=n, max_new_tokens=new_tokens, temperature=0, eos_token_ids=[])
+        held = [groups * P + rows * slots + (before[1] * before[2] if before else 0)
+                for before, (groups, rows, slots) in zip([None] + sizes, sizes)]
+        assert max(held) == memory.kv_cache_slots(3, n, P, new_tokens)
+
+
+def test_decode_step_shares_the_prompt_and_reads_only_written_slots(peaked, suite_dir):
+    """One decode step, three ways, on a cache with left padding and garbage in the generated slots past the
+    token: the prompt held once for 2 samples each (groups of 2 rows) and attended over the whole generated bucket
+    (the CUDA-graph step's fixed shapes), the same over the written slots only, and the prompt copied to every row
+    (groups of 1): the same logits and K/V written."""
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor)
     with torch.no_grad():
         out = tiny_model(**inputs, position_ids=rollout.prompt_positions(tiny_model, inputs)[0], use_cache=True)
-        cache, key_mask = rollout.resize_cache([(layer.keys, layer.values) for layer in out.past_key_values.layers],
-                                               inputs["attention_mask"].bool(), torch.arange(3), P + 9, static=False)
-        for keys, values in cache:
-            keys[:, :, P:].normal_(), values[:, :, P:].normal_()  # slots P.. P+8 hold garbage
-        tokens, positions = torch.tensor([5, 6, 7]), torch.full((3, 3), P)
+        hf_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        no_slots = [(keys[:, :, :0], values[:, :, :0]) for keys, values in hf_cache]
+        garbage = torch.Generator().manual_seed(0)
+        tokens, positions = torch.tensor([5, 6, 7, 8, 9, 10]), torch.full((3, 6), inputs["input_ids"].shape[1])
         logits, written = [], []
-        for length in (P + 9, P + 1):  # the whole bucket, then the written slots (the prompt and this token)
-            copy = [(k.clone(), v.clone()) for k, v in cache]
-            logits.append(rollout.decode_step(tiny_model, tokens, positions, copy, torch.tensor([P]), key_mask, length))
-            written.append(copy)
-    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-5)
-    torch.testing.assert_close(written[0], written[1], rtol=0, atol=1e-5)  # layer 1's input: float rounding
+        for groups, length in ((torch.arange(3), 16), (torch.arange(3), 2), (torch.arange(3).repeat_interleave(2), 2)):
+            prompt_cache, prompt_mask, cache = rollout.regroup(hf_cache, inputs["attention_mask"].bool(), no_slots,
+                                                               groups, torch.arange(3).repeat_interleave(2), 16, False)
+            for keys, values in cache:
+                keys.normal_(generator=garbage), values.normal_(generator=garbage)  # unwritten slots hold garbage
+            logits.append(rollout.decode_step(tiny_model, tokens, positions, prompt_cache, prompt_mask, cache,
+                                              torch.tensor([0]), length))
+            written.append([(keys[:, :, 0], values[:, :, 0]) for keys, values in cache])
+    for other in (1, 2):
+        torch.testing.assert_close(logits[other], logits[0], rtol=0, atol=1e-4)  # float rounding: the grouped
+        torch.testing.assert_close(written[other], written[0], rtol=0, atol=1e-5)  # product sums in another order
 
 
 def test_compiled_step_builds_for_every_device():
@@ -317,7 +338,7 @@ def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch, dev
     if device != "cpu":
         tiny_model, inputs = copy.deepcopy(tiny_model).to(device), {k: v.to(device) for k, v in inputs.items()}
     P = inputs["input_ids"].shape[1]
-    new_tokens = rollout.bucket(P + 2) - P + 8  # crosses the first cache bucket
+    new_tokens = rollout.FIRST_SLOTS + 8  # crosses the first cache bucket
     free = rollout.generate(tiny_model, inputs, max_new_tokens=new_tokens, temperature=0, eos_token_ids=[])
     never = set(free["response_ids"][2].tolist())  # row 2 runs to the end, rows 0 and 1 stop early
     stop_ids = [next(token for token in free["response_ids"][row, step:].tolist() if token not in never)
@@ -331,7 +352,7 @@ def test_compiled_decode_equals_eager_and_hf(peaked, suite_dir, monkeypatch, dev
     reference = hf_greedy(tiny_model, inputs, stop_ids, new_tokens)
     mask = eager["response_mask"] == 1
     assert torch.equal(reference[:, :mask.shape[1]][mask], compiled["response_ids"][mask])
-    assert len({slots for _, slots in sizes}) > 1 and len({rows for rows, _ in sizes}) > 1  # both shapes changed
+    assert len({slots for *_, slots in sizes}) > 1 and len({rows for _, rows, _ in sizes}) > 1  # both changed
     torch.testing.assert_close(compiled["logprobs"], eager["logprobs"], rtol=0, atol=1e-4)
     kwargs = dict(max_new_tokens=N_NEW, temperature=0.8, top_p=0.95, eos_token_ids=[im_end(processor)])
     eager = rollout.generate(tiny_model, inputs, n=3, generator=torch.Generator(device).manual_seed(0), **kwargs)
