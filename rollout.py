@@ -238,8 +238,11 @@ def decode_and_sample(model, tokens, positions, prompt_cache, prompt_mask, cache
 
 @functools.cache
 def compiled_step(device_type):
-    """The decode step under torch.compile. dynamic=True: one compilation serves every (rows, cache length) bucket,
-    and one more a single row (torch specializes sizes of 1). No guards on the model's attributes: its parameters
+    """The decode step under torch.compile. dynamic=True: one compilation serves every (groups, rows per group, cache
+    length) bucket, and one more each where there is a single group, a single row per group, or both (torch
+    specializes sizes of 1): at most four a process, each ~20 s on one CPU thread. Without duck sizing: torch gives
+    sizes that are equal at the first call one symbol (16 groups, 16 generated slots) and compiles again when
+    they part, which they do as the cache grows. No guards on the model's attributes: its parameters
     are graph inputs (their values flow in on every call), and checking the modules cost half of dynamo's per-call
     overhead (71 -> 31 us a step on CPU); a changed architecture needs a new process.
     On CPU all of decode_and_sample, in inductor's fused C++ loops. On GPU the logits only, replayed as CUDA graphs
@@ -251,12 +254,18 @@ def compiled_step(device_type):
     GPU yet), `bench.py rollout8b` at 8B (README, "What to expect from Qwen3-VL-8B")."""
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if device_type != "cuda":
-        return torch.compile(decode_and_sample, dynamic=True, options=options)
-    logits_step = torch.compile(decode_logits, dynamic=True, options={**options, "triton.cudagraphs": True})
+        compiled = torch.compile(decode_and_sample, dynamic=True, options=options)
+    else:
+        logits_step = torch.compile(decode_logits, dynamic=True, options={**options, "triton.cudagraphs": True})
 
-    def step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length, u, temperature, top_p, top_k):
-        return pick(logits_step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length), u,
-                    temperature, top_p, top_k)
+        def compiled(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length, u, temperature, top_p,
+                     top_k):
+            return pick(logits_step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length), u,
+                        temperature, top_p, top_k)
+
+    def step(*args):
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            return compiled(*args)
     return step
 
 
