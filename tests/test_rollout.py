@@ -278,6 +278,24 @@ def test_cache_grows_with_what_is_generated(peaked, suite_dir, monkeypatch):
     assert sizes[-1][1] < sizes[0][1]
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_rows_keep_their_prompt_when_the_cache_grows_after_a_prompt_finished(peaked, suite_dir, n):
+    """4 prompts (4 groups, no padding group); the first prompt's rows stop within a few tokens, the others run past
+    the first generated bucket: the cache grows while a finished group sits before unfinished ones (3 of 4 groups
+    left: no compaction). Every row's tokens are those of a run that never stops."""
+    tiny_model, processor = peaked
+    inputs = mixed_batch(suite_dir, processor, (0, 1, 2, 3))
+    new_tokens = rollout.FIRST_SLOTS + 8
+    free = rollout.generate(tiny_model, inputs, n=n, max_new_tokens=new_tokens, temperature=0, eos_token_ids=[])
+    others = set(free["response_ids"][n:].flatten().tolist())
+    stop_ids = [next(token for token in free["response_ids"][0, :6].tolist() if token not in others)]
+    out = rollout.generate(tiny_model, inputs, n=n, max_new_tokens=new_tokens, temperature=0, eos_token_ids=stop_ids)
+    lengths = out["response_mask"].sum(1).tolist()
+    assert max(lengths[:n]) <= 6 and min(lengths[n:]) == new_tokens
+    for i, length in enumerate(lengths):
+        assert torch.equal(out["response_ids"][i, :length], free["response_ids"][i, :length])
+
+
 def test_memory_plan_counts_the_caches_generate_holds(peaked, suite_dir, monkeypatch):
     """memory.kv_cache_slots (the plans of train_rl/eval --plan=true) equals the most slots generate's caches hold at
     once: the prompt per group, the generated slots per row, and the old generated cache during its copy."""
