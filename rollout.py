@@ -399,9 +399,8 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
             if G2 * m2 <= A // 2 or t + 1 >= S:  # the unfinished rows fit half the batch, or the free slot is reached
                 unfinished = (rows < Bn).view(G, m)  # [G, m]
                 within = torch.argsort((~unfinished).int(), dim=1, stable=True)[:, :m2]  # [G, m2] unfinished rows first
-                groups = torch.arange(G, device=device)  # [G2] all, in place (the prompt cache is not copied), or
-                if G2 < G:  # those with unfinished rows first, then finished ones up to the bucket
-                    groups = torch.argsort((~unfinished.any(1)).int(), stable=True)[:G2]
+                groups = (torch.argsort((~unfinished.any(1)).int(), stable=True)[:G2] if G2 < G  # [G2] unfinished ones
+                          else torch.arange(G, device=device))  # first; all in place if none leave (no prompt copy)
                 keep = (groups[:, None] * m + within[groups]).flatten()  # [G2 * m2] in order: prompt, then sample
                 prompt_cache, prompt_mask, cache = regroup(prompt_cache, prompt_mask, cache, groups if G2 < G else None,
                                                            keep, max(S, bucket(t + 2)), static)
