@@ -85,9 +85,7 @@ def decode_ops(model, processor):
     inputs = rollout_prompts(processor, 2)
     lm = model.model.language_model
     out = model(**inputs, position_ids=rollout.prompt_positions(model, inputs)[0], use_cache=True)
-    hf_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-    caches = rollout.regroup(hf_cache, inputs["attention_mask"].bool(), [(k[:, :, :0], v[:, :, :0]) for k, v in hf_cache],
-                             torch.arange(2), torch.arange(2), rollout.FIRST_SLOTS, static=False)
+    caches = rollout.first_caches(out.past_key_values, inputs["attention_mask"], torch.arange(2), 1, static=False)
     counts, layers = [], lm.layers
     for keep in (len(layers), 1):
         lm.layers = layers[:keep]

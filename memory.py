@@ -68,19 +68,14 @@ def param_counts(config):
             "root": total - sum(p.numel() for p in layers.parameters())}
 
 
-def bucket(n):
-    """The next power of two >= n (rollout.generate's row and length buckets)."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
 def kv_cache_slots(prompts, n, prompt_tokens, new_tokens):
     """Token slots of the decode caches at their largest, under rollout.generate's rule: bucket(prompts) groups of
     prompt_tokens slots (one per prompt, not per sample), and bucket(prompts) x n rows of generated slots,
     max(FIRST_SLOTS, bucket(t + 2)) at step t; when that length outgrows its bucket the cache is copied into one
     twice as long, both alive during the copy. Worst case: every row runs to new_tokens."""
-    length = max(rollout.FIRST_SLOTS, bucket(new_tokens))
+    length = max(rollout.FIRST_SLOTS, rollout.bucket(new_tokens))
     doubled = length > rollout.FIRST_SLOTS
-    return bucket(prompts) * (prompt_tokens + n * (length + (length // 2 if doubled else 0)))
+    return rollout.bucket(prompts) * (prompt_tokens + n * (length + (length // 2 if doubled else 0)))
 
 
 def text_dims(config):
@@ -152,11 +147,11 @@ def generate_phases(config, c, prompts, rows, prompt_tokens, patches, new_tokens
                 8 * v.hidden_size + 2 * v.intermediate_size), "merged and deepstack features": features},
             "prefill": {**resident, "one layer's transients": tokens * c * (3 * d["I"] + 4 * d["H"] + d["QD"] + 2 * d["KD"]),
                         "merged and deepstack features": features, **prompt_kv},
-            "cache copy": {**resident, **prompt_kv, "first decode caches": bucket(prompts) * (
+            "cache copy": {**resident, **prompt_kv, "first decode caches": rollout.bucket(prompts) * (
                 prompt_tokens + rows // prompts * rollout.FIRST_SLOTS) * kv_token},
             "decode": {**resident, "KV caches (largest, while they double)":
                        kv_cache_slots(prompts, rows // prompts, prompt_tokens, new_tokens) * kv_token,
-                       "decode logits (fp32 logits, probabilities, cdf)": bucket(rows) * d["V"] * 4 * 3}}
+                       "decode logits (fp32 logits, probabilities, cdf)": rollout.bucket(rows) * d["V"] * 4 * 3}}
 
 
 def update_phases(cfg, config, gpus):

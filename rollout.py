@@ -168,6 +168,16 @@ def rotate(x, cos, sin):
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
 
+def per_group(x, G):
+    """[A, Hkv, Q, ...] (each row's) -> [G, Hkv, m*Q, ...] (a group's m rows side by side), A = G * m."""
+    return x.unflatten(0, (G, -1)).transpose(1, 2).flatten(2, 3)
+
+
+def per_row(x, Q):
+    """per_group's inverse: [G, Hkv, m*Q, ...] -> [A, Hkv, Q, ...]."""
+    return x.unflatten(2, (-1, Q)).transpose(1, 2).flatten(0, 1)
+
+
 def decode_step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length):
     """Logits [A, V] for one new token per row. The A rows are G groups of m rows (A = G * m) that share a prompt:
     the n samples of one prompt, or those of them still decoding. tokens [A], positions [3, A] their rope
@@ -202,15 +212,13 @@ def decode_step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot
         values.index_copy_(2, slot, v)
         q = rotate(q, cos, sin).unflatten(1, (keys.shape[1], -1)).squeeze(3)  # [A, Hkv, Q, D], Q = Hq / Hkv
         Q = q.shape[2]
-        grouped = q.unflatten(0, (G, -1)).transpose(1, 2).flatten(2, 3)  # [G, Hkv, m*Q, D] a group's queries
-        on_prompt = (grouped @ prompt_keys.transpose(2, 3)).masked_fill(~prompt_mask[:, None, None], float("-inf"))
+        on_prompt = (per_group(q, G) @ prompt_keys.transpose(2, 3)).masked_fill(~prompt_mask[:, None, None],
+                                                                               float("-inf"))  # [G, Hkv, m*Q, P]
         on_new = (q @ keys[:, :, :length].transpose(2, 3)).masked_fill(~written, float("-inf"))  # [A, Hkv, Q, length]
-        on_new = on_new.unflatten(0, (G, -1)).transpose(1, 2).flatten(2, 3)  # [G, Hkv, m*Q, length]
-        scores = (torch.cat([on_prompt, on_new], -1) * attn.scaling).float().softmax(-1)  # [G, Hkv, m*Q, P+length]
-        y = scores[..., :P].to(prompt_values.dtype) @ prompt_values  # [G, Hkv, m*Q, D]
-        y = y.unflatten(2, (-1, Q)).transpose(1, 2).flatten(0, 1)  # [A, Hkv, Q, D]
-        on_new = scores[..., P:].unflatten(2, (-1, Q)).transpose(1, 2).flatten(0, 1)  # [A, Hkv, Q, length]
-        y = y + on_new.to(values.dtype) @ values[:, :, :length]  # [A, Hkv, Q, D]
+        scores = torch.cat([on_prompt, per_group(on_new, G)], -1)  # [G, Hkv, m*Q, P + length]
+        scores = (scores * attn.scaling).float().softmax(-1)
+        y = per_row(scores[..., :P].to(prompt_values.dtype) @ prompt_values, Q)  # [A, Hkv, Q, D]
+        y = y + per_row(scores[..., P:], Q).to(values.dtype) @ values[:, :, :length]  # [A, Hkv, Q, D]
         h = h + attn.o_proj(y.flatten(1))[:, None]  # [A, 1, H]
         h = h + layer.mlp(layer.post_attention_layernorm(h))  # [A, 1, H]
     return model.lm_head(lm.norm(h))[:, 0].float()  # [A, V]
@@ -295,9 +303,24 @@ def regroup(prompt_cache, prompt_mask, cache, groups, keep, length, static):
             pair.append(new)
         new_cache.append(tuple(pair))
     if static:
-        for tensor in [t for pair in prompt_cache + new_cache for t in pair]:
+        for tensor in [t for pair in (prompt_cache if groups is not None else []) + new_cache for t in pair]:
             torch._dynamo.mark_static_address(tensor)
     return prompt_cache, prompt_mask, new_cache
+
+
+def first_caches(past_key_values, attention_mask, source, m, static):
+    """The decode caches after the prefill: HF's prompt cache ([B, Hkv, P, D] per layer) for the groups `source`
+    (a [G] index of the prompts), its left padding zeroed, and the generated tokens' cache of G * m rows and
+    FIRST_SLOTS empty slots (`regroup` builds both)."""
+    hf_cache = [(layer.keys, layer.values) for layer in past_key_values.layers]
+    no_slots = [(keys[:, :, :0], values[:, :, :0]) for keys, values in hf_cache]  # nothing generated yet
+    prompt_cache, prompt_mask, cache = regroup(hf_cache, attention_mask.bool(), no_slots, source,
+                                               source.repeat_interleave(m), FIRST_SLOTS, static)
+    # padded prompt slots are never attended, but zero them so no stray NaN/inf there can leak in as 0 * x
+    for keys, values in prompt_cache:
+        keys.masked_fill_(~prompt_mask[:, None, :, None], 0)
+        values.masked_fill_(~prompt_mask[:, None, :, None], 0)
+    return prompt_cache, prompt_mask, cache
 
 
 # -----------------------------------------------------------------------------
@@ -369,15 +392,9 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
         G, m = bucket(B), n  # groups of m rows: group g the samples of prompt g, groups past B padding
         A = G * m
         source = torch.arange(G, device=device).clamp(max=B - 1)  # [G] the prompt of each group
-        hf_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [B, Hkv, P, D] each
-        no_slots = [(keys[:, :, :0], values[:, :, :0]) for keys, values in hf_cache]  # nothing generated yet
-        prompt_cache, prompt_mask, cache = regroup(hf_cache, inputs["attention_mask"].bool(), no_slots, source,
-                                                   source.repeat_interleave(m), FIRST_SLOTS, static)
-        del out, hf_cache, no_slots
-        # padded prompt slots are never attended, but zero them so no stray NaN/inf there can leak in as 0 * x
-        for keys, values in prompt_cache:
-            keys.masked_fill_(~prompt_mask[:, None, :, None], 0)
-            values.masked_fill_(~prompt_mask[:, None, :, None], 0)
+        prompt_cache, prompt_mask, cache = first_caches(out.past_key_values, inputs["attention_mask"], source, m,
+                                                        static)
+        del out
         positions = next_pos[:, source.repeat_interleave(m)]  # [3, A] of the token each row feeds next
         rows = torch.arange(A, device=device).clamp(max=Bn)  # [A] output row of each batch row; Bn: none (padding)
         tokens, logp = F.pad(tokens, (0, A - Bn), value=pad_id), F.pad(logp, (0, A - Bn))  # [A]
@@ -391,8 +408,8 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
                 lengths[rows[stop]] = t + 1
                 stopped[rows[stop]] = True
                 rows = rows.masked_fill(stop, Bn)
-                per_group = (rows < Bn).view(G, m).sum(1)  # [G] unfinished rows of each group
-                live, live_groups, widest = int(per_group.sum()), int((per_group > 0).sum()), int(per_group.max())
+                per_group = (rows < Bn).view(G, m).sum(1).tolist()  # unfinished rows of each group
+                live, live_groups, widest = sum(per_group), sum(c > 0 for c in per_group), max(per_group)
             if t + 1 == max_new_tokens or live == 0:
                 break
             G2, m2 = bucket(live_groups), min(bucket(widest), m)
@@ -416,8 +433,8 @@ def generate(model, inputs, *, n=1, max_new_tokens, temperature=1.0, top_p=1.0, 
             length = S if static else max(t + 1, 2)  # CUDA graphs: the whole bucket (fixed shapes); else the written
             # slots, at least 2 (the unwritten one masked): torch.compile would compile a length of 1 apart
             # (on GPU the graph's logits buffer is overwritten by the next replay: `pick` has used it by then)
-            tokens, logp = step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length, u, temperature,
-                                top_p, top_k)
+            tokens, logp = step(model, tokens, positions, prompt_cache, prompt_mask, cache, slot, length, u,
+                                temperature, top_p, top_k)
             positions, slot = positions + 1, slot + 1
 
     T = int(lengths[:Bn].max())

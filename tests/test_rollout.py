@@ -319,14 +319,13 @@ def test_decode_step_shares_the_prompt_and_reads_only_written_slots(peaked, suit
     inputs = mixed_batch(suite_dir, processor)
     with torch.no_grad():
         out = tiny_model(**inputs, position_ids=rollout.prompt_positions(tiny_model, inputs)[0], use_cache=True)
-        hf_cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        no_slots = [(keys[:, :, :0], values[:, :, :0]) for keys, values in hf_cache]
         garbage = torch.Generator().manual_seed(0)
         tokens, positions = torch.tensor([5, 6, 7, 8, 9, 10]), torch.full((3, 6), inputs["input_ids"].shape[1])
         logits, written = [], []
-        for groups, length in ((torch.arange(3), 16), (torch.arange(3), 2), (torch.arange(3).repeat_interleave(2), 2)):
-            prompt_cache, prompt_mask, cache = rollout.regroup(hf_cache, inputs["attention_mask"].bool(), no_slots,
-                                                               groups, torch.arange(3).repeat_interleave(2), 16, False)
+        for groups, m, length in ((torch.arange(3), 2, rollout.FIRST_SLOTS), (torch.arange(3), 2, 2),
+                                  (torch.arange(3).repeat_interleave(2), 1, 2)):
+            prompt_cache, prompt_mask, cache = rollout.first_caches(out.past_key_values, inputs["attention_mask"],
+                                                                    groups, m, static=False)
             for keys, values in cache:
                 keys.normal_(generator=garbage), values.normal_(generator=garbage)  # unwritten slots hold garbage
             logits.append(rollout.decode_step(tiny_model, tokens, positions, prompt_cache, prompt_mask, cache,
