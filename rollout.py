@@ -17,9 +17,10 @@ How a rollout runs (one screen each below):
 3. sampling: `sample` is a pure function of logits and a torch.Generator (temperature, top-k, top-p, or greedy
    at temperature 0); the compiled step takes its uniforms from outside (`sample_with`).
 
-Log-probs are of the sampled tokens under the raw (temperature 1, unfiltered) distribution: that is what the
-PPO ratio uses (train_rl.py recomputes them with `token_logprobs` when it takes several updates per rollout),
-and with the released recipe's temperature 1.0 and no top-p/top-k it is also the sampling distribution.
+generate's log-probs are of the sampled tokens under the raw (temperature 1, unfiltered) distribution. The
+update's come from `token_logprobs`, of the logits divided by the rollout's temperature (top-p/top-k not applied),
+as the release's actor computes them; with the released recipe's temperature 1.0 and no top-p/top-k both are the
+sampling distribution's.
 `token_logprobs` never holds the logits of a whole micro-batch: the forward returns the final hidden states and
 lm_head runs on LOGITS_CHUNK response tokens at a time, recomputed in backward (`sampled_logprobs`).
 
@@ -524,8 +525,9 @@ def hidden_states_as_logits(model):
             handle.remove()
 
 
-def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt=False):
-    """Teacher-forced log-probs [R, T] of response_ids [R, T] after their prompts (0 where response_mask is 0).
+def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt=False, temperature=1.0):
+    """Teacher-forced log-probs [R, T] of response_ids [R, T] after their prompts (0 where response_mask is 0),
+    under the logits divided by `temperature` (the rollout's: train_rl, as the release's actor does).
 
     inputs: the B prompts as generate takes them; n: responses per prompt, one count or one per prompt (R = their
     sum); the rows of prompt i follow those of prompt i-1 (row i*n+j answers prompt i when n is a count).
@@ -539,7 +541,7 @@ def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt
     share_prompt=True: the same log-probs from each prompt once (shared_prompt_logprobs).
     """
     if share_prompt:
-        return shared_prompt_logprobs(model, inputs, response_ids, response_mask, n)
+        return shared_prompt_logprobs(model, inputs, response_ids, response_mask, n, temperature)
     T = response_ids.shape[1]
     counts = repeats(n, inputs["input_ids"].shape[0], response_ids.device)  # [B]
     position_ids, next_pos = prompt_positions(model, inputs)  # [4, B, P], [3, B]
@@ -554,7 +556,7 @@ def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt
     with hidden_states_as_logits(model):
         hidden = model(**full, position_ids=position_ids, logits_to_keep=T + 1).logits  # [R, T+1, H]
     # position P-1+t predicts token t
-    return sampled_logprobs(model, hidden[:, :-1], response_ids, response_mask)
+    return sampled_logprobs(model, hidden[:, :-1], response_ids, response_mask, temperature)
 
 
 def response_positions(prompt_mask, next_pos, n, T):
@@ -567,16 +569,17 @@ def response_positions(prompt_mask, next_pos, n, T):
                       next_pos.repeat_interleave(counts, 1)[:, :, None] + steps])  # [4, R, T]
 
 
-def chunk_logprobs(model, hidden, token_ids):
-    """log p of token_ids [c] under lm_head(hidden [c, H]), media tokens excluded: the [c, vocab] logits exist
-    only inside this call. log_softmax + gather keeps 3 fp32 [c, vocab] tensors at the peak of its backward
+def chunk_logprobs(model, hidden, token_ids, temperature):
+    """log p of token_ids [c] under lm_head(hidden [c, H]) / temperature, media tokens excluded: the [c, vocab]
+    logits exist only inside this call. log_softmax + gather keeps 3 fp32 [c, vocab] tensors at the peak of its backward
     (logsumexp's backward keeps 4)."""
-    logits = no_media_tokens(model, model.lm_head(hidden).float())  # [c, V]
+    logits = no_media_tokens(model, model.lm_head(hidden).float() / temperature)  # [c, V]
     return F.log_softmax(logits, -1).gather(-1, token_ids[:, None]).squeeze(-1)  # [c]
 
 
-def sampled_logprobs(model, hidden, response_ids, response_mask):
-    """log p of response_ids [R, T] from the final hidden states [R, T, H] that predict them, 0 where the mask is 0.
+def sampled_logprobs(model, hidden, response_ids, response_mask, temperature=1.0):
+    """log p of response_ids [R, T] from the final hidden states [R, T, H] that predict them (logits divided by
+    temperature), 0 where the mask is 0.
 
     Only the response tokens (mask 1) go through lm_head, LOGITS_CHUNK at a time, each chunk checkpointed: its
     logits are computed in forward, dropped, and computed again in its backward. So the memory is that of one
@@ -585,13 +588,13 @@ def sampled_logprobs(model, hidden, response_ids, response_mask):
     """
     keep = response_mask.bool()  # [R, T]
     h, ids = hidden[keep], response_ids[keep]  # [N, H], [N]: the response tokens in row order
-    chunks = [checkpoint(chunk_logprobs, model, h[i:i + LOGITS_CHUNK], ids[i:i + LOGITS_CHUNK], use_reentrant=False)
-              for i in range(0, len(ids), LOGITS_CHUNK)]
+    chunks = [checkpoint(chunk_logprobs, model, h[i:i + LOGITS_CHUNK], ids[i:i + LOGITS_CHUNK], temperature,
+                         use_reentrant=False) for i in range(0, len(ids), LOGITS_CHUNK)]
     logp = torch.cat(chunks) if chunks else h.new_zeros(0, dtype=torch.float32)  # [N]
     return torch.zeros(keep.shape, dtype=logp.dtype, device=logp.device).masked_scatter(keep, logp)  # [R, T]
 
 
-def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
+def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n, temperature=1.0):
     """token_logprobs with each prompt in the forward once: the B prompts (and their media) go through the model
     with a KV cache, the cache is repeated for each prompt's responses, and the R responses go through on top of
     it. Positions are those of token_logprobs, so the log-probs are the same (tested), from B*P + R*T tokens
@@ -618,4 +621,4 @@ def shared_prompt_logprobs(model, inputs, response_ids, response_mask, n):
                     use_cache=True)
     # token 0 is predicted at the prompt's last position, token t at response position t-1
     hidden = torch.cat([prompt.logits.repeat_interleave(counts, 0), out.logits[:, :-1]], 1)  # [R, T, H]
-    return sampled_logprobs(model, hidden, response_ids, response_mask)
+    return sampled_logprobs(model, hidden, response_ids, response_mask, temperature)

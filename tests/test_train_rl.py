@@ -188,9 +188,10 @@ def test_ppo_step_skips_a_non_finite_update(model_dir, suite_dir):
 
 def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir, suite_dir):
     """old_logp=None (ppo_updates=1 skips that forward) takes the same step as old log-probs recomputed by a
-    no-grad forward of the same weights: same loss, gradient norm and weights after AdamW."""
+    no-grad forward of the same weights: same loss, gradient norm and weights after AdamW. At temperature 0.7
+    both sides take the log-probs of the logits divided by it (the release's actor)."""
     rows = data.load_rows(str(suite_dir / "rl.json"))
-    cfg = train_rl.Config(group_size=2)
+    cfg = train_rl.Config(group_size=2, temperature=0.7)
     results = []
     for recompute in (True, False):
         tiny_model, processor = model_lib.load_model(model_dir)
@@ -199,7 +200,7 @@ def test_on_policy_step_without_old_logprobs_equals_the_recomputed_one(model_dir
         if recompute:
             with torch.no_grad():
                 mb["old_logp"] = rollout.token_logprobs(tiny_model, mb["inputs"], mb["ids"], mb["mask"], mb["counts"],
-                                                        cfg.share_prompt)
+                                                        cfg.share_prompt, cfg.temperature)
         else:
             mb["old_logp"] = None
         metrics = train_rl.ppo_step(tiny_model, optimizer, [mb], cfg)
@@ -242,6 +243,13 @@ def test_sequence_micro_batches_take_the_step_of_whole_groups(model_dir, suite_d
 def test_share_prompt_with_grad_checkpointing_is_refused(rl_args, tmp_path):
     with pytest.raises(ValueError, match="grad_checkpointing=true drops"):
         train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--grad_checkpointing=true"])
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_greedy_rollout_is_refused(rl_args, tmp_path):
+    """The update divides the logits by the rollout's temperature: 0 would divide by zero (inf log-probs)."""
+    with pytest.raises(ValueError, match="temperature=0.0"):
+        train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--temperature=0"])
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
