@@ -41,7 +41,7 @@ import shapes
 # and their digits are learned from priors. Reading where an object is takes the most steps, so half the rows ask
 # for it from one image (grounding x3, segmentation). Multiple choice has two entries of nine: with one of eight it
 # reached 0.25-0.55 after SFT, naming the right colour on ~2/3 of the rows but not stopping at the option that
-# matches; that step needs rows of its own (README, "A third layer"). Its rows are short, so the ninth entry is
+# matches; that step needs rows of its own (NOTES.md, "A third layer"). Its rows are short, so the ninth entry is
 # added to each step (18 rows) instead of taking the place of another task's: the others keep their rows.
 DEMO_TASKS = ("image_multiple_choice,image_grounding,video_temporal,image_grounding,"
               "video_spatial_temporal,image_segmentation,video_tracking,image_grounding,image_multiple_choice")
@@ -54,13 +54,13 @@ class Config:
     tasks: str = DEMO_TASKS  # shapes generators, rows cycle through them; "all" for the whole suite
     n_sft: int = 11250  # 1,250 rows per entry of `tasks`
     n_rl: int = 3600
-    n_eval: int = 5400  # 600 rows per entry of `tasks`. Measured (README, "How many held-out rows"): at 300 per entry
+    n_eval: int = 5400  # 600 rows per entry of `tasks`. Measured (NOTES.md, "How many held-out rows"): at 300 per entry
     # the rows drawn moved one RL run's overall gain by 0.016; the gains' spread over RL seeds was 0.017 on 2,400
     # rows, 0.013 on 4,800 and 0.012 on 9,600 (the rest is the runs' own)
     mc_first_steps: int = 0  # SFT steps of 16 multiple-choice rows before the mixed ones; 0: none. Measured at 400
-    # (README, "A multiple-choice stage first"): it helped the suite-0 draw and cost the suite-1 and suite-2 draws most
-    # of what they read (mean SFT accuracy over the three 0.327 against 0.384), so it is off
-    sft_steps: int = 1700  # of 18 rows (2 per entry of `tasks`), vision tower frozen (README, "The frozen tower")
+    # (NOTES.md, "A multiple-choice stage first"): it helped the suite-0 draw and cost the suite-1 and suite-2 draws
+    # most of what they read (mean SFT accuracy over the three 0.327 against 0.384), so it is off
+    sft_steps: int = 1700  # of 18 rows (2 per entry of `tasks`), vision tower frozen (NOTES.md, "The frozen tower")
     rl_steps: int = 100
     rl_seeds: str = "0,1,2"  # RL runs of the main job (and of each estimator in the ablations), comma-separated
     jobs: int = 3  # RL runs (each with its evaluation) side by side, one thread each (why: rl_runs)
@@ -81,11 +81,11 @@ COLUMNS = list(dict.fromkeys(FAMILIES.values())) + ["all"]
 ESTIMATORS = {"grpo": "GRPO", "dr_grpo": "Dr.GRPO", "ema_grpo": "EMA-GRPO"}
 PY = sys.executable
 # Float drift between CPUs was the largest noise in the demo's figures: the same code and seeds drew other SFT
-# checkpoints on other machines (README, "Runs of make demo as a distribution"), since torch's kernels, oneDNN's
+# checkpoints on other machines (README, "The demo", and NOTES.md), since torch's kernels, oneDNN's
 # and MKL's each pick their instructions for the CPU at hand (AVX-512 or AVX2; MKL takes other paths on Intel
 # and AMD) and reductions split over as many threads as there are cores. Every stage runs with these set (torch
 # reads them at start-up): AVX2, which x86 CPUs of the last decade share, and 2 threads (the RL runs 1 each,
-# rl_runs). Measured on an AMD EPYC (40 SFT steps of the demo; README, "One machine's numbers on another"): torch's
+# rl_runs). Measured on an AMD EPYC (40 SFT steps of the demo; NOTES.md, "One machine's numbers on another"): torch's
 # AVX2 kernels instead of its AVX-512 ones, oneDNN's likewise, and 1 thread instead of 2 each changed the losses;
 # MKL's setting changed nothing there. It is pinned because MKL's reproducibility mode (CNR) is what makes its
 # results equal across processors, Intel's among them. The stages keep their own torch.compile cache: inductor's
@@ -98,12 +98,12 @@ PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_
 # RL sized for 2 CPU cores: 16 prompts x 8 samples in two micro-batches (measured: 16 prompts a step beat 8 at the same
 # cost), lr 5e-5 (from the SFT checkpoints of suite seeds 0, 1, 2 with RL seeds 0-2 each, the overall gain over its
 # spread: 2.8x, 5.4x, 0.4x at 5e-5 against 0.0x, 18x, -0.6x at 1e-4, which took multiple choice down on seeds 0 and 2;
-# 2e-4 did worse than 1e-4; README, "The RL learning rate"), the vision tower frozen (the release trains it; here it
-# would cost most of the update), at most 2 rollout batches per step when the filter drops groups (the release: 20), and
-# samples drawn at temperature 0.7 (the release: 1.0). Measured from the demo's SFT checkpoint: at 1.0 the samples score
-# far below the greedy answer (segmentation 0.10 against 0.23) and RL raised the sampled reward on every task while
-# greedy accuracy fell on 4 of 6; at 0.7 greedy accuracy rose on all dense tasks. The update's log-probs stay those of
-# temperature 1 (rollout.py): it sharpens the policy toward the better samples.
+# 2e-4 did worse than 1e-4; NOTES.md, "The RL learning rate"), the vision tower frozen (the release trains
+# it; here it would cost most of the update), at most 2 rollout batches per step when the filter drops groups (the
+# release: 20), and samples drawn at temperature 0.7 (the release: 1.0). Measured from the demo's SFT checkpoint: at
+# 1.0 the samples score far below the greedy answer (segmentation 0.10 against 0.23) and RL raised the sampled reward
+# on every task while greedy accuracy fell on 4 of 6; at 0.7 greedy accuracy rose on all dense tasks. The update's
+# log-probs are the sampling distribution's, at 0.7 (train_rl, as the release's actor; README, "The demo").
 RL_ARGS = ["--prompts_per_step=16", "--group_size=8", "--micro_batch_seqs=64", "--freeze_vision=true",
            "--max_refill_tries=2", "--temperature=0.7", "--lr=5e-5",
            "--resume=true"]  # a stage cut short (its out_dir holds a partial run) continues where it stopped
@@ -270,8 +270,16 @@ def blind_baselines(data_dir, candidates=100, sample=300):
 # report: figures and markdown tables
 
 def read_jsonl(path):
+    """A metrics file's lines, each step's once: a resumed run appends the steps after its checkpoint again
+    (common.Logger), so a line whose step is below the last one's drops the earlier lines from that step on."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        for line in f:
+            row = json.loads(line)
+            if rows and row["step"] < rows[-1]["step"]:  # a resume: the later lines win
+                rows = [r for r in rows if r["step"] < row["step"]]
+            rows.append(row)
+    return rows
 
 
 def series(rows, key):

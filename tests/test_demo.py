@@ -219,3 +219,25 @@ def test_stages_start_on_the_pinned_kernels_and_threads(monkeypatch, tmp_path):
     assert first_stage_sees(monkeypatch, tmp_path, []) == ["AVX2", "2", "True"]  # and a compile cache of its own
     # unpinned: what torch starts with here anyway (a fresh process; this one may have started under other settings)
     assert first_stage_sees(monkeypatch, tmp_path, ["--pin_cpu=false"]) == probe()
+
+
+def test_a_resumed_runs_metrics_are_read_once_per_step(tmp_path):
+    """common.Logger appends on resume: a run logging steps 1-4 (validation lines at 2 and 4, as train_sft.py
+    writes them) that resumes from its step-2 checkpoint and logs 3-5 again reads as 1, 2, 2 (val), 3, 4, 4 (val),
+    5, the re-run steps' values the later ones (what the figures and the spread table average)."""
+    import common
+
+    def log_steps(steps, resume, tag):
+        logger = common.Logger(str(tmp_path), {"tag": tag}, use_wandb=False, resume=resume)
+        for step in steps:
+            logger.log(step, {"loss": float(step), "run": tag})
+            if step % 2 == 0:
+                logger.log(step, {"val_loss": float(step), "run": tag})
+        logger.close()
+
+    log_steps(range(1, 5), False, "first")
+    log_steps(range(3, 6), True, "resumed")
+    rows = demo.read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [(r["step"], "val_loss" in r) for r in rows] == [(1, False), (2, False), (2, True), (3, False),
+                                                             (4, False), (4, True), (5, False)]
+    assert [r["run"] for r in rows] == ["first"] * 3 + ["resumed"] * 4
