@@ -246,13 +246,6 @@ def test_share_prompt_with_grad_checkpointing_is_refused(rl_args, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-def test_greedy_rollout_is_refused(rl_args, tmp_path):
-    """The update divides the logits by the rollout's temperature: 0 would divide by zero (inf log-probs)."""
-    with pytest.raises(ValueError, match="temperature=0.0"):
-        train_rl.main(rl_args + [f"--out_dir={tmp_path}", "--temperature=0"])
-    assert not (tmp_path / "metrics.jsonl").exists()
-
-
 # -----------------------------------------------------------------------------
 # whole runs in this process
 
