@@ -53,7 +53,7 @@ CHAT_TEMPLATE = (
 
 # S is the demo's model; L (4x the parameters) for experiments with more CPU time. S has three layers with a
 # narrower MLP (256) rather than two with 384, at about the same cost a step: on the demo's suites of seeds 0-2 the
-# two-layer model read the images in 1 of 3 SFT draws, the three-layer one in 3 of 3 (README, "A third layer")
+# two-layer model read the images in 1 of 3 SFT draws, the three-layer one in 3 of 3 (NOTES.md, "A third layer")
 SIZES = {
     "S": dict(hidden=128, layers=3, heads=4, kv_heads=2, mlp=256, vis_depth=2, vis_hidden=64, vis_mlp=128),
     "L": dict(hidden=256, layers=4, heads=8, kv_heads=4, mlp=768, vis_depth=4, vis_hidden=128, vis_mlp=256),

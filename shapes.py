@@ -306,7 +306,7 @@ def seconds_in_view(o):
     holding the object in one step, and the tiny model answered one fixed window for every clip (temporal
     grounding under its blind level in 4 of 4 SFT runs); with this readout, 1,300 mixed SFT steps put it above
     blind in 3 of 6 runs (temporal IoU 0.77-0.91 against 0.34-0.45); in the other 3 one or two fixed readouts
-    still answered 2/3 or more of the clips (README, "The demo")."""
+    still answered 2/3 or more of the clips (NOTES.md, "The frozen tower")."""
     return ", ".join(f"{float(s)} s {'yes' if visible(o, s) else 'no'}" for s in range(SECONDS))
 
 

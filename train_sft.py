@@ -81,7 +81,7 @@ class Config:
     # True: the vision tower's patch embedding and blocks and its merger stay as they are, as LLaMA-Factory's
     # freeze_vision_tower + freeze_multi_modal_projector (the release); the position embedding and deepstack
     # mergers still train (model.freeze_vision). True for the tiny model too, though its tower is random: trained,
-    # the tower's features collapse in the first ~200 steps and fewer draws learn to read their media (README)
+    # the tower's features collapse in the first ~200 steps and fewer draws learn to read their media (NOTES.md)
     freeze_vision: bool = True
     grad_checkpointing: bool = False
     bf16: bool = False  # bf16 compute on GPU; CPU runs fp32
@@ -221,7 +221,7 @@ def media_swapped(pairs):
     """(originals, swapped): of the (row, encoded row) pairs, those whose media another pair's can stand in for
     (the same grids, so the same media tokens and the same text), and each of them again with the pixels of the
     next such pair. The validation loss on `swapped` minus that on `originals` is how much the model reads its
-    media: ~0 when it answers from the text alone (README: the demo's SFT draws that do not read their media). Rows
+    media: ~0 when it answers from the text alone (NOTES.md: the demo's SFT draws that do not read their media). Rows
     of real data rarely share a grid; the shapes suite's mostly do."""
     groups = {}
     for row, item in pairs:
