@@ -527,7 +527,8 @@ def hidden_states_as_logits(model):
 
 def token_logprobs(model, inputs, response_ids, response_mask, n=1, share_prompt=False, temperature=1.0):
     """Teacher-forced log-probs [R, T] of response_ids [R, T] after their prompts (0 where response_mask is 0),
-    under the logits divided by `temperature` (the rollout's: train_rl, as the release's actor does).
+    under the logits divided by `temperature`: the rollout's, as generate takes it (train_rl, as the release's actor
+    does; 0, greedy, has no sampling distribution: the raw logits').
 
     inputs: the B prompts as generate takes them; n: responses per prompt, one count or one per prompt (R = their
     sum); the rows of prompt i follow those of prompt i-1 (row i*n+j answers prompt i when n is a count).
@@ -571,8 +572,8 @@ def response_positions(prompt_mask, next_pos, n, T):
 
 def chunk_logprobs(model, hidden, token_ids, temperature):
     """log p of token_ids [c] under lm_head(hidden [c, H]) / temperature, media tokens excluded: the [c, vocab]
-    logits exist only inside this call. log_softmax + gather keeps 3 fp32 [c, vocab] tensors at the peak of its backward
-    (logsumexp's backward keeps 4)."""
+    logits exist only inside this call. log_softmax + gather keeps 3 fp32 [c, vocab] tensors at the peak of its
+    backward (logsumexp's backward keeps 4)."""
     logits = no_media_tokens(model, model.lm_head(hidden).float() / temperature)  # [c, V]
     return F.log_softmax(logits, -1).gather(-1, token_ids[:, None]).squeeze(-1)  # [c]
 
@@ -586,6 +587,7 @@ def sampled_logprobs(model, hidden, response_ids, response_mask, temperature=1.0
     chunk's logits, whatever the micro-batch, where a full pass would hold [R, T, vocab] (and fp32 copies).
     Values and gradients equal the full pass (tests/test_rollout.py).
     """
+    temperature = temperature or 1.0  # greedy rollouts: the raw logits' log-probs
     keep = response_mask.bool()  # [R, T]
     h, ids = hidden[keep], response_ids[keep]  # [N, H], [N]: the response tokens in row order
     chunks = [checkpoint(chunk_logprobs, model, h[i:i + LOGITS_CHUNK], ids[i:i + LOGITS_CHUNK], temperature,

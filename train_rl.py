@@ -77,8 +77,8 @@ class Config:
     group_size: int = 8  # responses per prompt (the release's rollout.n)
     rollout_batch_prompts: int = 16  # prompts per generate call on one rank: bounds the KV cache (x group_size)
     max_new_tokens: int = 96
-    temperature: float = 1.0  # the update's log-probs divide the logits by it, as the release's actor; 0: greedy
-    # rollouts (tests), the raw logits' log-probs
+    temperature: float = 1.0  # the update's log-probs divide the logits by it, as the release's actor (0: greedy
+    # rollouts, as the tests run; rollout.token_logprobs then takes the raw logits')
     top_p: float = 1.0
     top_k: int = 0
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU); false: the eager loop
@@ -326,7 +326,7 @@ def build_mini_batches(model, kept, cfg, pad_id, device):
             if cfg.ppo_updates > 1:
                 with torch.no_grad(), common.autocast(cfg.bf16, device):
                     old_logp = rollout.token_logprobs(model, inputs, ids, mask, counts, cfg.share_prompt,
-                                                         cfg.temperature or 1.0)  # [m, T]
+                                                         cfg.temperature)  # [m, T]
             micro_batches.append({"inputs": inputs, "counts": counts, "ids": ids, "mask": mask, "old_logp": old_logp,
                                   "adv": torch.stack([g["adv"][j] for g, j in chunk]).to(device).float()})  # [m]
         mini_batches.append(micro_batches)
@@ -351,14 +351,14 @@ def ppo_step(model, optimizer, micro_batches, cfg, ref_model=None):
     for mb in micro_batches:
         with common.autocast(cfg.bf16, mb["inputs"]["input_ids"].device):
             logp = rollout.token_logprobs(model, mb["inputs"], mb["ids"], mb["mask"], mb["counts"],
-                                          cfg.share_prompt, cfg.temperature or 1.0)  # [m, T]
+                                          cfg.share_prompt, cfg.temperature)  # [m, T]
             old_logp = logp.detach() if mb["old_logp"] is None else mb["old_logp"]  # None: on-policy (ratio 1)
             loss, metrics = ema_grpo.ppo_loss(logp, old_logp, mb["adv"], mb["mask"], cfg.clip_low,
                                               cfg.clip_high, cfg.dual_clip, num_tokens=max(num_tokens, 1.0))
             if ref_model is not None:
                 with torch.no_grad():
                     ref_logp = rollout.token_logprobs(ref_model, mb["inputs"], mb["ids"], mb["mask"], mb["counts"],
-                                                      cfg.share_prompt, cfg.temperature or 1.0)
+                                                      cfg.share_prompt, cfg.temperature)
                 kl = (ema_grpo.kl_penalty(logp, ref_logp, cfg.kl_kind) * mb["mask"]).sum() / max(num_tokens, 1.0)
                 loss = loss + cfg.kl_coef * kl
                 totals["kl"] += kl.item()
