@@ -76,6 +76,9 @@ class Config:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     warmup_ratio: float = 0.02
     weight_decay: float = 0.0
+    # AdamW's second-moment decay: the release's (HF's default). 0.95 (nanoGPT's) forgets the demo's early clipped
+    # gradients in ~20 steps instead of ~1,000; on three suites it helped one and hurt two (NOTES.md, "AdamW's beta2")
+    adam_beta2: float = 0.999
     grad_clip: float = 1.0
     max_skipped_steps: int = 5  # non-finite steps in a row stop the run, exit non-zero and export nothing
     # True: the vision tower's patch embedding and blocks and its merger stay as they are, as LLaMA-Factory's
@@ -359,7 +362,7 @@ def main(argv):
     total_steps = cfg.max_steps or len(train_rows) // cfg.batch_size
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, cfg.adam_beta2))
     logger = common.Logger(cfg.out_dir, cfg, cfg.wandb, resume=cfg.resume)
     ckpt_dir = os.path.join(cfg.out_dir, "ckpt")
 

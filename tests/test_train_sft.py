@@ -245,6 +245,27 @@ def test_export_loads_and_gives_the_trained_logits(reference_run, sft_args, mode
     assert torch.equal(trained.state_dict()[vision], start[vision])  # --freeze_vision=true kept it
 
 
+def test_adamw_second_moment_decays_at_adam_beta2(sft_args, model_dir, tmp_path):
+    """After one step AdamW holds m = (1 - beta1) g and v = (1 - beta2) g^2, so v / m^2 = (1 - beta2) / (1 -
+    beta1)^2 wherever g != 0: the step-1 checkpoint of a run with --adam_beta2=0.5 gives 50 (the default 0.999 would
+    give 0.1)."""
+    args = [a for a in sft_args if not a.startswith("--max_steps=")]
+    train_sft.main(args + ["--max_steps=1", "--adam_beta2=0.5", f"--out_dir={tmp_path}"])
+    trained, _ = model_lib.load_model(model_dir)
+    model_lib.freeze_vision(trained)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params)
+    common.load_checkpoint(os.path.join(str(tmp_path), "ckpt", "step_000001"), trained, optimizer)
+    ratios = []
+    for p in params:
+        m, v = optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]
+        moved = m.abs() > 1e-6  # [*p.shape]: away from 0, where the ratio is not rounding
+        ratios.append(v[moved] / m[moved] ** 2)
+    ratios = torch.cat(ratios)
+    assert ratios.numel() > 1000
+    assert torch.allclose(ratios, torch.full_like(ratios, 0.5 / 0.1 ** 2), rtol=1e-3)
+
+
 # -----------------------------------------------------------------------------
 # the release's recipe: per-row loss, several files, cutoff_len
 
