@@ -172,6 +172,23 @@ def test_video_keyframes_options_and_windows_vary(tmp_path):
     assert len(windows) > 3 and all(1.0 <= e - s <= 2.0 for s, e in windows)
 
 
+def test_multiple_choice_readout_marks_the_answer_alone_and_keeps_the_scene():
+    for seed in range(20):
+        plain = shapes.image_multiple_choice(np.random.default_rng(seed))
+        example = shapes.image_multiple_choice_readout(np.random.default_rng(seed))
+        assert example._replace(think=plain.think) == plain  # the same scene, options and answer
+        target = example.objects[0]
+        stated, readout = example.think.split(". ", 1)
+        assert stated == f"The {target['shape']} is {target['colour']}"
+        parts = readout.rstrip(".").split(", ")
+        assert [p.rsplit(" ", 1)[0] for p in parts] == example.options  # every option, in the prompt's order
+        yes = [p for p in parts if p.endswith(" yes")]
+        assert len(yes) == 1 and yes[0] == f"{example.answer}. {target['colour']} yes", (seed, example.think)
+        assert all(p.endswith(" no") for p in parts if p not in yes)
+    assert shapes.select_tasks("image_multiple_choice_readout")[0][:2] == ("multiple choice", "image")
+    assert shapes.image_multiple_choice_readout not in [task[2] for task in shapes.select_tasks("all")]
+
+
 @pytest.mark.parametrize("task", [shapes.video_temporal, shapes.video_spatial_temporal])
 def test_seconds_in_view_rationale_matches_the_answer_and_the_pixels(task):
     for seed in range(12):
