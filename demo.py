@@ -44,8 +44,8 @@ import shapes
 # matches; that step needs rows of its own (NOTES.md, "A third layer"). Its rows are short, so the ninth entry is
 # added to each step (18 rows) instead of taking the place of another task's: the others keep their rows. Its
 # rationale reads every option out with yes or no (shapes.options_read_out): after "up to the match" half the SFT
-# draws read on to "D" and RL made that likelier; read out, the answer was the "yes" letter on every row of three
-# draws and RL raised multiple choice (NOTES.md, "Multiple choice read out").
+# draws read on to "D" and RL made that likelier; read out, four draws answered the "yes" letter on every row that
+# has one, multiple choice 0.52-0.71 after SFT (NOTES.md, "Multiple choice read out").
 DEMO_TASKS = ("image_multiple_choice_readout,image_grounding,video_temporal,image_grounding,video_spatial_temporal,"
               "image_segmentation,video_tracking,image_grounding,image_multiple_choice_readout")
 

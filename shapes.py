@@ -197,7 +197,8 @@ def options_read_out(options, letter):
     yes, C. green no, D. purple no."), as the clip's seconds are read out (seconds_in_view). No stop to learn: after
     options_up_to the tiny model's greedy answers either stopped at the match or read on to "D" (half of its SFT
     draws), and RL made reading on likelier; read out, the answer copies the letter before "yes", and what is left to
-    learn is the colour. Not the demo's default (NOTES.md, "Multiple choice read out")."""
+    learn is the colour and the comparisons. The demo's multiple choice (demo.DEMO_TASKS); "all" keeps options_up_to
+    (NOTES.md, "Multiple choice read out")."""
     return ", ".join(f"{option} {'yes' if option.startswith(letter + '.') else 'no'}" for option in options) + "."
 
 
