@@ -184,12 +184,13 @@ def options_up_to(options, letter):
     return ", ".join(options[:"ABCD".index(letter) + 1]) + "."
 
 
-def image_multiple_choice(rng):
+def image_multiple_choice(rng, read_options=options_up_to):
+    """read_options: the rationale's second sentence from (options, letter)."""
     objects = random_objects(rng, int(rng.integers(1, 4)))
     target = objects[0]
     options, letter = options_for(rng, target["colour"], list(COLOURS))
     return Example(f"What colour is the {target['shape']}?", letter,
-                   f"The {target['shape']} is {target['colour']}. {options_up_to(options, letter)}", objects, options)
+                   f"The {target['shape']} is {target['colour']}. {read_options(options, letter)}", objects, options)
 
 
 def options_read_out(options, letter):
@@ -204,10 +205,7 @@ def options_read_out(options, letter):
 
 def image_multiple_choice_readout(rng):
     """image_multiple_choice's scene, options and answer (the same draws), its options read out."""
-    example = image_multiple_choice(rng)
-    target = example.objects[0]
-    return example._replace(think=f"The {target['shape']} is {target['colour']}. "
-                                  f"{options_read_out(example.options, example.answer)}")
+    return image_multiple_choice(rng, options_read_out)
 
 
 def image_numerical(rng):
