@@ -189,6 +189,19 @@ def test_multiple_choice_readout_marks_the_answer_alone_and_keeps_the_scene():
     assert shapes.image_multiple_choice_readout not in [task[2] for task in shapes.select_tasks("all")]
 
 
+@pytest.mark.parametrize("task", [shapes.image_multiple_choice, shapes.image_multiple_choice_readout])
+def test_multiple_choice_names_one_object_and_one_option(task):
+    # "What colour is the square?" has one answer only if the scene has one square: before the fix 27% of scenes held
+    # two objects of the target's shape (87 of these 300 seeds)
+    for seed in range(300):
+        example = task(np.random.default_rng(seed))
+        target = example.objects[0]
+        assert example.problem == f"What colour is the {target['shape']}?"
+        assert [o["shape"] for o in example.objects].count(target["shape"]) == 1, (seed, example.objects)
+        assert [option[3:] for option in example.options].count(target["colour"]) == 1
+        assert example.options["ABCD".index(example.answer)] == f"{example.answer}. {target['colour']}"
+
+
 @pytest.mark.parametrize("task", [shapes.video_temporal, shapes.video_spatial_temporal])
 def test_seconds_in_view_rationale_matches_the_answer_and_the_pixels(task):
     for seed in range(12):
