@@ -81,8 +81,8 @@ def random_objects(rng, count, min_r=12, max_r=22, margin=4, size=SIZE, distinct
     """count objects with distinct (colour, shape), apart, inside a size x size frame; distinct_shapes: no two of
     the same shape (at most len(SHAPES)), for a question that names an object by its shape alone."""
     if distinct_shapes:
-        colours, shapes = list(COLOURS), rng.choice(len(SHAPES), size=count, replace=False)
-        pairs = [(colours[c], SHAPES[s]) for c, s in zip(rng.integers(len(COLOURS), size=count), shapes)]
+        colours, shape_ids = list(COLOURS), rng.choice(len(SHAPES), size=count, replace=False)
+        pairs = [(colours[c], SHAPES[s]) for c, s in zip(rng.integers(len(COLOURS), size=count), shape_ids)]
     else:
         all_pairs = [(c, s) for c in COLOURS for s in SHAPES]
         pairs = [all_pairs[k] for k in rng.choice(len(all_pairs), size=count, replace=False)]
@@ -190,9 +190,9 @@ def options_up_to(options, letter):
 
 def image_multiple_choice(rng, read_options=options_up_to):
     """read_options: the rationale's second sentence from (options, letter). The question names the target by its
-    shape alone, so no other object shares it: with any two objects of distinct (colour, shape), 27% of scenes held
-    a second object of the target's shape, its colour among the options on 21%: a question with two right answers,
-    of which the label held one (NOTES.md, "Why multiple choice and spatio-temporal grounding do not move")."""
+    shape alone, so no other object shares it: drawn with distinct (colour, shape) pairs only, 27% of scenes held a
+    second object of the target's shape, its colour among the options on 21%: a question with two right answers, of
+    which the label held one (NOTES.md, "Why multiple choice and spatio-temporal grounding do not move")."""
     objects = random_objects(rng, int(rng.integers(1, 4)), distinct_shapes=True)
     target = objects[0]
     options, letter = options_for(rng, target["colour"], list(COLOURS))
