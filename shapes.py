@@ -215,6 +215,18 @@ def image_multiple_choice_readout(rng):
     return image_multiple_choice(rng, options_read_out)
 
 
+def image_multiple_choice_unstated(rng):
+    """The same draws, the options read out with no colour stated first ("The square: A. blue no, B. red yes, ...").
+    After "The square is red." each option's yes or no can be learned as a comparison with the stated colour, a
+    token that also stands among the prompt's options; two draws of the tiny model learned the colour and not the
+    comparisons (the "yes" on C or D whatever the colour), and RL then paid answers right against their own stated
+    colour. Here each yes or no is the image read against one option, and a right answer has no rationale to
+    contradict. Measured on the demo's three suites and not its default: no draw learned the comparisons any better
+    (NOTES.md, "Multiple choice with no colour stated")."""
+    example = image_multiple_choice_readout(rng)
+    return example._replace(think=f"The {example.objects[0]['shape']}: {example.think.split('. ', 1)[1]}")
+
+
 def image_numerical(rng):
     objects = random_objects(rng, int(rng.integers(1, 5)), max_r=18)
     n = len(objects)
@@ -405,7 +417,8 @@ TASKS = [
     ("segmentation", "video", video_segmentation),
     ("open-ended", "video", video_caption),
 ]
-VARIANTS = [("multiple choice", "image", image_multiple_choice_readout)]  # chosen by name only, never in "all"
+VARIANTS = [("multiple choice", "image", image_multiple_choice_readout),
+            ("multiple choice", "image", image_multiple_choice_unstated)]  # chosen by name only, never in "all"
 
 
 # -----------------------------------------------------------------------------

@@ -189,7 +189,20 @@ def test_multiple_choice_readout_marks_the_answer_alone_and_keeps_the_scene():
     assert shapes.image_multiple_choice_readout not in [task[2] for task in shapes.select_tasks("all")]
 
 
-@pytest.mark.parametrize("task", [shapes.image_multiple_choice, shapes.image_multiple_choice_readout])
+def test_multiple_choice_unstated_is_the_readout_without_the_colour():
+    for seed in range(20):
+        readout = shapes.image_multiple_choice_readout(np.random.default_rng(seed))
+        example = shapes.image_multiple_choice_unstated(np.random.default_rng(seed))
+        assert example._replace(think=readout.think) == readout  # the same scene, options and answer
+        shape, colour = example.objects[0]["shape"], example.objects[0]["colour"]
+        assert example.think == readout.think.replace(f"The {shape} is {colour}. ", f"The {shape}: ")
+        named = [c for c in shapes.COLOURS if c in example.think]
+        assert len(named) == 4 and example.think.count(f" {colour} ") == 1  # only as its option, before "yes"
+    assert shapes.select_tasks("image_multiple_choice_unstated")[0][:2] == ("multiple choice", "image")
+
+
+@pytest.mark.parametrize("task", [shapes.image_multiple_choice, shapes.image_multiple_choice_readout,
+                                  shapes.image_multiple_choice_unstated])
 def test_multiple_choice_names_one_object_and_one_option(task):
     # "What colour is the square?" has one answer only if the scene has one square: before the fix 27% of scenes held
     # two objects of the target's shape (87 of these 300 seeds)
