@@ -223,8 +223,9 @@ def image_multiple_choice_unstated(rng):
     colour. Here each yes or no is the image read against one option, and a right answer has no rationale to
     contradict. Measured on the demo's three suites and not its default: no draw learned the comparisons any better
     (NOTES.md, "Multiple choice with no colour stated")."""
-    example = image_multiple_choice_readout(rng)
-    return example._replace(think=f"The {example.objects[0]['shape']}: {example.think.split('. ', 1)[1]}")
+    example = image_multiple_choice(rng)
+    readout = options_read_out(example.options, example.answer)
+    return example._replace(think=f"The {example.objects[0]['shape']}: {readout}")
 
 
 def image_numerical(rng):
