@@ -65,7 +65,7 @@ class Config:
     mc_first_steps: int = 0  # SFT steps of 16 multiple-choice rows before the mixed ones; 0: none. Measured at 400
     # (NOTES.md, "A multiple-choice stage first"): it helped the suite-0 draw and cost the suite-1 and suite-2 draws
     # most of what they read (mean SFT accuracy over the three 0.327 against 0.384), so it is off
-    sft_steps: int = 1700  # of 18 rows (2 per entry of `tasks`), vision tower frozen (NOTES.md, "The frozen tower")
+    sft_steps: int = 1700  # of 2 rows per entry of `tasks` (18), vision tower frozen (NOTES.md, "The frozen tower")
     rl_steps: int = 100
     rl_seeds: str = "0,1,2"  # RL runs of the main job (and of each estimator in the ablations), comma-separated
     jobs: int = 3  # RL runs (each with its evaluation) side by side, one thread each (why: rl_runs)
@@ -416,9 +416,11 @@ def main(argv):
              f"--max_steps={cfg.mc_first_steps}", "--batch_size=16", "--freeze_vision=true", "--val_every=100",
              "--save_every=200", f"--seed={cfg.seed}", "--resume=true"], os.path.join(mc_dir, "hf", "config.json"))
         sft_start = os.path.join(mc_dir, "hf")
+    entries = len(shapes.select_tasks(cfg.tasks))  # two rows of each a step, on average: one micro-batch each
     run([PY, "train_sft.py", f"--model={sft_start}", f"--data={data_dir}/sft.json", f"--out_dir={sft_dir}",
-         f"--max_steps={cfg.sft_steps}", "--batch_size=18", "--micro_batch_size=9", "--freeze_vision=true",
-         "--val_every=100", "--save_every=250", f"--seed={cfg.seed}", "--resume=true"], os.path.join(sft_dir, "hf", "config.json"))
+         f"--max_steps={cfg.sft_steps}", f"--batch_size={2 * entries}", f"--micro_batch_size={entries}",
+         "--freeze_vision=true", "--val_every=100", "--save_every=250", f"--seed={cfg.seed}", "--resume=true"],
+        os.path.join(sft_dir, "hf", "config.json"))
     minutes["sft"] = (time.time() - t0) / 60
     t0 = time.time()
     cmd, metrics_file = eval_command(os.path.join(sft_dir, "hf"), os.path.join(cfg.out, "eval-sft"), eval_file, cfg)

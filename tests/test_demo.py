@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import demo
+import shapes
 
 # a stand-in train_rl.py: records when it ran and its thread setting, writes a metrics line and hf/config.json;
 # the seed named in FAIL exits 3 instead
@@ -177,6 +178,13 @@ def test_multiple_choice_stage_trains_on_its_rows_and_starts_the_mixed_one(monke
 def test_without_the_stage_the_mixed_sft_starts_from_the_tiny_model(monkeypatch, tmp_path):
     (mixed,) = sft_stages(monkeypatch, tmp_path, ROWS, ["--mc_first_steps=0"])
     assert arg(mixed, "model") == os.path.join(str(tmp_path), "tiny-model")
+
+
+@pytest.mark.parametrize("tasks, rows", [(demo.DEMO_TASKS, 18), ("image_grounding,video_tracking", 4),
+                                         ("all", 2 * len(shapes.TASKS))])
+def test_a_mixed_sft_step_holds_two_rows_per_entry_of_the_tasks(monkeypatch, tmp_path, tasks, rows):
+    (mixed,) = sft_stages(monkeypatch, tmp_path, ROWS, [f"--tasks={tasks}"])
+    assert (arg(mixed, "batch_size"), arg(mixed, "micro_batch_size")) == (str(rows), str(rows // 2))
 
 
 def test_a_suite_without_multiple_choice_names_the_flag(monkeypatch, tmp_path):
