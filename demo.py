@@ -47,7 +47,8 @@ import shapes
 # draws read on to "D" and RL made that likelier; read out, four draws answered the "yes" letter on every row that
 # has one, multiple choice 0.52-0.71 after SFT (NOTES.md, "Multiple choice read out"). The comparisons that place the
 # "yes" are learned on some draws only: two later ones put it on C or D whatever the colour stated (0.34 and 0.32;
-# NOTES.md, "One object per shape in multiple choice").
+# NOTES.md, "One object per shape in multiple choice"). A third entry learned them on every draw tried, and the other
+# families still read on some draws only (NOTES.md, "A third multiple-choice entry"; not the default).
 DEMO_TASKS = ("image_multiple_choice_readout,image_grounding,video_temporal,image_grounding,video_spatial_temporal,"
               "image_segmentation,video_tracking,image_grounding,image_multiple_choice_readout")
 
