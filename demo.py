@@ -74,6 +74,8 @@ class Config:
     ablation: bool = False  # GRPO and Dr.GRPO next to EMA-GRPO, same SFT checkpoint, seeds and budget
     spread_experiment: bool = False  # the estimators on a binary-reward task next to a low-spread dense one
     figures: str = "docs"  # where the PNGs go (the README shows them)
+    position_code_rms: float = 0.0  # > 0: the tiny model's vision position table starts as model.position_code;
+    # measured at 0.5 on five suites, not the default (NOTES.md, "A position code in the vision tower")
     pin_cpu: bool = True  # every stage on PINNED_CPU's kernels and threads: another x86 machine's numbers; false:
     # torch's own choice (faster on many cores, other numbers)
 
@@ -397,7 +399,8 @@ def main(argv):
     t0 = time.time()
     run([PY, "shapes.py", f"--out={data_dir}", f"--seed={cfg.seed}", f"--n_sft={cfg.n_sft}",
          f"--n_rl={cfg.n_rl}", f"--n_eval={cfg.n_eval}", f"--tasks={cfg.tasks}"], eval_file)
-    run([PY, "model.py", f"--out={model_dir}", f"--data={data_dir}", f"--seed={cfg.seed}"],
+    run([PY, "model.py", f"--out={model_dir}", f"--data={data_dir}", f"--seed={cfg.seed}",
+         f"--position_code_rms={cfg.position_code_rms}"],
         os.path.join(model_dir, "config.json"))
     minutes["suite"] = (time.time() - t0) / 60
 
