@@ -128,7 +128,8 @@ def test_position_code_makes_where_a_patch_is_readable_from_the_vision_tokens(ti
     table = coded.model.visual.pos_embed.weight  # [256, vis_hidden]
     assert torch.equal(table, model_lib.position_code(16, table.shape[1], 0.5))
     assert abs(table.pow(2).mean().sqrt().item() - 0.5) < 1e-6
-    differ = [n for n, p in coded.state_dict().items() if not torch.equal(p, default.state_dict()[n])]
+    default_weights = default.state_dict()
+    differ = [n for n, p in coded.state_dict().items() if not torch.equal(p, default_weights[n])]
     assert differ == ["model.visual.pos_embed.weight"]
     rng = np.random.default_rng(0)
     images = [shapes.render(shapes.random_objects(rng, 2)) for _ in range(32)]
