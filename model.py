@@ -176,6 +176,8 @@ def position_code(side, dim, rms):
 def build_tiny_model(out_dir, data_dir=DEFAULT_DATA_DIR, seed=0, size="S", position_code_rms=0.0):
     """Train the tokenizer on the suite's text, build a random-init Qwen3-VL, save both with save_pretrained.
     position_code_rms > 0: the vision position table starts as position_code at that RMS instead of HF's init."""
+    if not position_code_rms >= 0:  # a negative (or NaN) value would build the default table without a word
+        raise ValueError(f"position_code_rms={position_code_rms}: expected 0 (HF's random table) or a positive RMS")
     torch.manual_seed(seed)
     tokenizer = train_tokenizer(corpus_from_suite(data_dir))
     processor = build_processor(tokenizer)

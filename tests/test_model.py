@@ -154,6 +154,13 @@ def test_position_code_makes_where_a_patch_is_readable_from_the_vision_tokens(ti
     assert min(scores["code"]) > 0.7 and max(scores["random"]) < 0.2, scores
 
 
+def test_a_negative_position_code_rms_is_refused_before_anything_is_built(suite_dir, tmp_path):
+    for rms in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="position_code_rms"):
+            model_lib.build_tiny_model(str(tmp_path / "m"), str(suite_dir), position_code_rms=rms)
+    assert not (tmp_path / "m").exists()
+
+
 def test_freeze_vision_leaves_trainable_what_llama_factory_leaves(tiny):
     """LLaMA-Factory's freeze_vision_tower + freeze_multi_modal_projector on Qwen3-VL (the release's SFT) freezes
     names containing visual.patch_embed, visual.blocks or visual.merger: on Qwen3-VL-8B's architecture the vision
