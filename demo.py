@@ -76,6 +76,8 @@ class Config:
     figures: str = "docs"  # where the PNGs go (the README shows them)
     position_code_rms: float = 0.0  # > 0: the tiny model's vision position table starts as model.position_code;
     # measured at 0.5 on five suites, not the default (NOTES.md, "A position code in the vision tower")
+    model_size: str = "S"  # model.SIZES key of the tiny model; S4 (a fourth layer) measured with the position code on
+    # five suites, not the default (NOTES.md, "Where the seconds are lost")
     pin_cpu: bool = True  # every stage on PINNED_CPU's kernels and threads: another x86 machine's numbers; false:
     # torch's own choice (faster on many cores, other numbers)
 
@@ -400,7 +402,7 @@ def main(argv):
     run([PY, "shapes.py", f"--out={data_dir}", f"--seed={cfg.seed}", f"--n_sft={cfg.n_sft}",
          f"--n_rl={cfg.n_rl}", f"--n_eval={cfg.n_eval}", f"--tasks={cfg.tasks}"], eval_file)
     run([PY, "model.py", f"--out={model_dir}", f"--data={data_dir}", f"--seed={cfg.seed}",
-         f"--position_code_rms={cfg.position_code_rms}"],
+         f"--position_code_rms={cfg.position_code_rms}", f"--size={cfg.model_size}"],
         os.path.join(model_dir, "config.json"))
     minutes["suite"] = (time.time() - t0) / 60
 

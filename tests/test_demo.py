@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import demo
+import model as model_lib
 import shapes
 
 # a stand-in train_rl.py: records when it ran and its thread setting, writes a metrics line and hf/config.json;
@@ -141,6 +142,11 @@ class StopAtMixedSFT(Exception):
 
 
 def sft_stages(monkeypatch, tmp_path, rows, argv=()):
+    """demo.main's SFT commands up to the mixed SFT stage (the stages are recorded, not run)."""
+    return [c for c in stages_to_mixed_sft(monkeypatch, tmp_path, rows, argv) if c[1] == "train_sft.py"]
+
+
+def stages_to_mixed_sft(monkeypatch, tmp_path, rows, argv=()):
     """demo.main's commands up to the mixed SFT stage (the stages are recorded, not run)."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -155,7 +161,7 @@ def sft_stages(monkeypatch, tmp_path, rows, argv=()):
     monkeypatch.setattr(demo, "run", run)
     with pytest.raises(StopAtMixedSFT):
         demo.main([f"--out={tmp_path}", *argv])
-    return [c for c in commands if c[1] == "train_sft.py"]
+    return commands
 
 
 def arg(cmd, key):
@@ -185,6 +191,13 @@ def test_without_the_stage_the_mixed_sft_starts_from_the_tiny_model(monkeypatch,
 def test_a_mixed_sft_step_holds_two_rows_per_entry_of_the_tasks(monkeypatch, tmp_path, tasks, rows):
     (mixed,) = sft_stages(monkeypatch, tmp_path, ROWS, [f"--tasks={tasks}"])
     assert (arg(mixed, "batch_size"), arg(mixed, "micro_batch_size")) == (str(rows), str(rows // 2))
+
+
+@pytest.mark.parametrize("argv, size, rms", [((), "S", "0.0"), (("--model_size=S4", "--position_code_rms=0.5"), "S4", "0.5")])
+def test_the_tiny_model_is_built_at_the_size_and_position_code_asked(monkeypatch, tmp_path, argv, size, rms):
+    (build,) = [c for c in stages_to_mixed_sft(monkeypatch, tmp_path, ROWS, argv) if c[1] == "model.py"]
+    assert (arg(build, "size"), arg(build, "position_code_rms")) == (size, rms)
+    assert size in model_lib.SIZES
 
 
 def test_a_suite_without_multiple_choice_names_the_flag(monkeypatch, tmp_path):
