@@ -167,8 +167,9 @@ def position_code(side, dim, rms):
     Why: HF's random table (std 0.02, against patch embeddings that vary by ~0.26 between patches) leaves the tiny
     model's vision tokens with no position a linear map finds (R^2 0.02 for a token's row; 0.9 with this code at rms
     0.5; tests/test_model.py); a trained tower's features carry it. Measured on five demo draws at rms 0.5: spatial
-    grounding read on 4 of 5 and temporal grounding (which no table reaches) on 2 of 5: not the default (NOTES.md,
-    "A position code in the vision tower")."""
+    grounding read on 4 of 5 and temporal grounding (which no table reaches) on 2 of 5 (NOTES.md, "A position code in
+    the vision tower"); with the clips' objects drawn larger as well, every family above blind on 4 of 5: the demo's
+    default."""
     u = torch.arange(side) / (side - 1)  # [side] fraction across the image
     angles = u[:, None] * (math.pi * torch.arange(1, dim // 4 + 1) / 2)  # [side, dim/4]
     code = torch.cat([angles.sin(), angles.cos()], dim=1)  # [side, dim/2]
@@ -343,7 +344,7 @@ class Config:
     data: str = DEFAULT_DATA_DIR  # the suite folder whose text trains the tokenizer
     seed: int = 0
     size: str = "S"  # S | L (SIZES)
-    position_code_rms: float = 0.0  # > 0: the vision position table starts as position_code (not the default)
+    position_code_rms: float = 0.0  # > 0: the vision position table starts as position_code (the demo passes 0.5)
 
 
 if __name__ == "__main__":

@@ -193,8 +193,8 @@ def test_a_mixed_sft_step_holds_two_rows_per_entry_of_the_tasks(monkeypatch, tmp
     assert (arg(mixed, "batch_size"), arg(mixed, "micro_batch_size")) == (str(rows), str(rows // 2))
 
 
-@pytest.mark.parametrize("argv, size, rms", [((), "S", "0.0"),
-                                             (("--model_size=S4", "--position_code_rms=0.5"), "S4", "0.5")])
+@pytest.mark.parametrize("argv, size, rms", [((), "S", "0.5"), (("--position_code_rms=0",), "S", "0.0"),
+                                             (("--model_size=S4",), "S4", "0.5")])
 def test_the_tiny_model_is_built_at_the_size_and_position_code_asked(monkeypatch, tmp_path, argv, size, rms):
     (build,) = [c for c in stages_to_mixed_sft(monkeypatch, tmp_path, ROWS, argv) if c[1] == "model.py"]
     assert (arg(build, "size"), arg(build, "position_code_rms")) == (size, rms)
