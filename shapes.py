@@ -283,7 +283,7 @@ def moving_objects(rng, count, speed=(4, 9)):
     """count objects, each with a direction and a speed (pixels per second, drawn from speed inclusive), that stay
     inside the frame and never touch each other for the whole clip. Radius 14-18 px in the 96 px frame: an object
     covers ~9% of a frame, and so of a second's 36 vision tokens; at 7-12 px (~3%) the tiny model read which seconds
-    show it on 2 of 5 suites or fewer, at this size on 4 of 5 (NOTES.md, "Larger clip objects")."""
+    show it on 3 of 5 suites or fewer, at this size on 4 of 5 (NOTES.md, "Larger clip objects")."""
     for _ in range(1000):
         try:
             objects = random_objects(rng, count, min_r=14, max_r=18, size=VIDEO_SIZE)
